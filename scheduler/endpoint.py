@@ -1,0 +1,83 @@
+"""The one streaming interface every engine implements (DESIGN.md section 4).
+
+Server and device, real and emulated, all speak this protocol, so the coordinator, the simulator's
+calibration, the profiler and the benchmarks never care which engine is behind it.
+
+Contract:
+- ``stream(req)`` is an async iterator of :class:`TokenEvent`, yielded as each token is produced
+  (never buffered to the end). Indices start at ``req.start_index`` and increase by one.
+- A non-empty ``req.prefix`` is text already generated (by this or another endpoint): the engine
+  re-prefills ``prompt + prefix`` and continues from there. That is how migration and failover
+  resume a generation.
+- Cancellation: closing the iterator (``await it.aclose()``) or cancelling the task that drives it
+  stops the engine's work at the next token boundary; no token is yielded after that.
+- Bad input raises :class:`InvalidRequestError` before any token; an engine that fails mid-stream
+  raises :class:`EndpointFailedError` so the coordinator can hand over to the other endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from .registry import Registry
+from .types import EndpointKind, TokenEvent
+
+
+class EndpointError(Exception):
+    """Base class of every endpoint error."""
+
+
+class InvalidRequestError(EndpointError, ValueError):
+    """The request cannot be served as given (empty prompt, too long, bad max_tokens...)."""
+
+
+class EndpointFailedError(EndpointError):
+    """The endpoint died or lost its connection; the generation so far is still valid."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    prompt: str
+    max_tokens: int
+    prefix: str = ""  # text already generated; the engine continues after it
+    start_index: int = 0  # index of the first token this call yields (= tokens in prefix)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    request_id: str = ""
+    # Emulated engines need the prompt length in tokens without a tokenizer; real engines ignore it.
+    prompt_tokens_hint: int | None = None
+
+    def validate(self) -> None:
+        """Checks shared by every engine; engines add their own (context window)."""
+        if not self.prompt or not self.prompt.strip():
+            raise InvalidRequestError("prompt must be a non-empty string")
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
+            raise InvalidRequestError(f"max_tokens must be an integer, got {self.max_tokens!r}")
+        if self.max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens must be > 0, got {self.max_tokens}")
+        if self.start_index < 0:
+            raise InvalidRequestError(f"start_index must be >= 0, got {self.start_index}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise InvalidRequestError(f"temperature must be in [0, 2], got {self.temperature}")
+
+
+@runtime_checkable
+class Endpoint(Protocol):
+    """A token producer: a llama.cpp device, a vLLM replica, an OpenAI API, an emulated profile."""
+
+    kind: EndpointKind
+    name: str
+
+    def stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]: ...
+
+    async def close(self) -> None:
+        """Release the engine's resources (model memory, connections)."""
+        ...
+
+
+# name -> factory(**config) -> Endpoint. Engines register themselves where they are defined
+# (device_agents/, cluster/); importing those modules fills this registry.
+ENDPOINTS: Registry = Registry("endpoint engine")

@@ -1,0 +1,123 @@
+"""Token-level migration planner (paper-notes.md, "Token-level migration").
+
+After the first token, the rest of a generation may move to the cheaper endpoint. It pays off when
+(decode cost difference per token) x (expected remaining tokens) > migration overhead, and it is
+invisible to the user when the client buffer holds B = r_c * t_m tokens when the switch happens
+(r_c: reading speed, t_m: migration latency). Because endpoints generate faster than people read,
+the buffer grows by (r_g - r_c) per second; the switch token index is chosen so that the buffer is
+already B tokens deep when the target takes over.
+
+[R] our reconstruction: t_m = network RTT + target prefill of (prompt + generated) + one decode
+step; the source keeps generating while the target prefills, so the switch index also adds the
+tokens the source emits during t_m.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .profiles import DeviceProfile, ServerProfile
+from .types import EndpointKind, MigrationRule
+
+# Andes: reading ~4.8 tokens/s (paper-notes.md, "Andes QoE").
+DEFAULT_READ_TPS = 4.8
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationDecision:
+    migrate: bool
+    target: EndpointKind | None = None
+    at_index: int | None = None  # first token index the target produces
+    overhead_s: float = 0.0  # estimated t_m
+    saving_usd: float = 0.0  # estimated money saved (negative: it would cost more)
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationConfig:
+    read_tps: float = DEFAULT_READ_TPS
+    rtt_s: float = 0.05  # device <-> server round trip
+    # Overhead in money of one migration (the target's re-prefill is charged separately below).
+    min_saving_usd: float = 0.0
+    min_remaining_tokens: int = 8
+
+
+def decode_cost_per_token(kind: EndpointKind, server: ServerProfile, device: DeviceProfile) -> float:
+    if kind is EndpointKind.SERVER:
+        return server.prices.output_per_mtok / 1e6
+    return device.cost_usd(1)
+
+
+def prefill_cost_per_token(kind: EndpointKind, server: ServerProfile, device: DeviceProfile) -> float:
+    if kind is EndpointKind.SERVER:
+        return server.prices.input_per_mtok / 1e6
+    return device.cost_usd(1)
+
+
+def migration_latency(
+    target: EndpointKind,
+    context_tokens: int,
+    server: ServerProfile,
+    device: DeviceProfile,
+    cfg: MigrationConfig,
+    server_ttft_s: float | None = None,
+) -> float:
+    """t_m: time from the decision until the target emits its first new token."""
+    if target is EndpointKind.DEVICE:
+        return float(device.ttft(context_tokens)) + device.tbt_s
+    # Server: a fresh request pays the server's queueing/network TTFT again (median if unknown).
+    base = server_ttft_s if server_ttft_s is not None else _server_median_ttft(server)
+    return cfg.rtt_s + base + server.ttft_per_prompt_token_s * context_tokens + server.tbt_s
+
+
+def _server_median_ttft(server: ServerProfile) -> float:
+    if server.ttft_samples:
+        s = sorted(server.ttft_samples)
+        return s[len(s) // 2]
+    # Median of the dominant mixture component is a fair, cheap estimate.
+    return max(server.ttft_mixture, key=lambda c: c.weight).median_s
+
+
+def decide_migration(
+    rule: MigrationRule | None,
+    winner: EndpointKind,
+    prompt_tokens: int,
+    generated_tokens: int,
+    expected_remaining: float,
+    server: ServerProfile,
+    device: DeviceProfile,
+    cfg: MigrationConfig | None = None,
+) -> MigrationDecision:
+    """Decide at first-token time (or later) whether and where to switch.
+
+    ``generated_tokens``: tokens already produced by the winner when deciding; ``expected_remaining``:
+    tokens still expected after those (estimated online by the caller when unknown).
+    """
+    cfg = cfg or MigrationConfig()
+    if rule is None or winner is not rule.from_kind:
+        return MigrationDecision(False, reason="no migration rule for this winner")
+    target = rule.target
+    src_rate = server.tbt_s if winner is EndpointKind.SERVER else device.tbt_s
+    ctx = prompt_tokens + generated_tokens
+    t_m = migration_latency(target, ctx, server, device, cfg)
+    # Tokens the source still emits while the target prefills and the buffer must hold B tokens.
+    tokens_during = math.ceil(t_m / src_rate)
+    buffer_needed = math.ceil(cfg.read_tps * t_m)
+    # The source is faster than reading, so its buffer lead after k tokens is k - r_c * k * tbt.
+    lead_per_token = max(1e-9, 1.0 - cfg.read_tps * src_rate)
+    tokens_for_buffer = math.ceil(buffer_needed / lead_per_token)
+    switch_after = max(tokens_during, tokens_for_buffer)
+    at_index = generated_tokens + switch_after
+    moved = expected_remaining - switch_after
+    if moved < cfg.min_remaining_tokens:
+        return MigrationDecision(False, target, None, t_m, 0.0, "too few tokens left to move")
+    saving = moved * (
+        decode_cost_per_token(winner, server, device) - decode_cost_per_token(target, server, device)
+    )
+    # Overhead: the target re-prefills prompt + generated text.
+    overhead = (prompt_tokens + at_index) * prefill_cost_per_token(target, server, device)
+    net = saving - overhead
+    if net <= cfg.min_saving_usd:
+        return MigrationDecision(False, target, None, t_m, net, "saving below overhead")
+    return MigrationDecision(True, target, at_index, t_m, net, "saves more than it costs")

@@ -1,0 +1,60 @@
+"""The `Policy` protocol every dispatch policy implements, and the registry that builds them.
+
+A policy is pure and clock-agnostic: it is asked for a plan with the current time as an argument,
+and told what happened (``observe``) so that online estimates and budget accounting stay current.
+The live `SchedulerActor` and the virtual-time simulator drive the same objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from ..profiles import DeviceProfile, ServerProfile
+from ..registry import Registry
+from ..types import Plan, Regime, Request, RequestOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    regime: Regime = Regime.SERVER_CONSTRAINED
+    budget: float = 0.5  # share b of prompt tokens the constrained endpoint may prefill
+    migration: bool = True
+    window: int = 2000  # requests in the sliding window of online estimates
+    recompute_every: int = 100  # recompute thresholds / wait times every N observations
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.budget <= 1.0:
+            raise ValueError(f"budget must be in [0, 1], got {self.budget}")
+        if self.window <= 0 or self.recompute_every <= 0:
+            raise ValueError("window and recompute_every must be > 0")
+
+
+@runtime_checkable
+class Policy(Protocol):
+    name: str
+    config: PolicyConfig
+
+    def plan(self, request: Request, now: float) -> Plan:
+        """Decide who starts, when, and whether migration is allowed."""
+        ...
+
+    def observe(self, outcome: RequestOutcome) -> None:
+        """Feed back a finished request (TTFTs seen, work done) to update estimates and budget."""
+        ...
+
+
+class PolicyFactory(Protocol):
+    def __call__(
+        self, config: PolicyConfig, server: ServerProfile, device: DeviceProfile
+    ) -> Policy: ...
+
+
+POLICIES: Registry[PolicyFactory] = Registry("policy")
+
+
+def make_policy(
+    name: str, config: PolicyConfig, server: ServerProfile, device: DeviceProfile
+) -> Policy:
+    return POLICIES.get(name)(config, server, device)
