@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from .profiles import DeviceProfile, ServerProfile
 from .types import EndpointKind, MigrationRule
 
@@ -121,3 +123,50 @@ def decide_migration(
     if net <= cfg.min_saving_usd:
         return MigrationDecision(False, target, None, t_m, net, "saving below overhead")
     return MigrationDecision(True, target, at_index, t_m, net, "saves more than it costs")
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationBatch:
+    """Vectorised :func:`decide_migration` for requests whose winner is ``rule.from_kind``."""
+
+    migrate: np.ndarray  # bool
+    at_index: np.ndarray  # int; valid where migrate
+    overhead_s: np.ndarray
+    saving_usd: np.ndarray
+
+
+def decide_migration_batch(
+    rule: MigrationRule,
+    prompt_tokens: np.ndarray,
+    generated_tokens: int,
+    expected_remaining: np.ndarray,
+    server: ServerProfile,
+    device: DeviceProfile,
+    cfg: MigrationConfig | None = None,
+) -> MigrationBatch:
+    """Same arithmetic as :func:`decide_migration` (a test holds them equal), over arrays."""
+    cfg = cfg or MigrationConfig()
+    winner, target = rule.from_kind, rule.target
+    src_rate = server.tbt_s if winner is EndpointKind.SERVER else device.tbt_s
+    ctx = np.asarray(prompt_tokens, dtype=float) + generated_tokens
+    if target is EndpointKind.DEVICE:
+        t_m = np.asarray(device.ttft(ctx), dtype=float) + device.tbt_s
+    else:
+        base = _server_median_ttft(server)
+        t_m = cfg.rtt_s + base + server.ttft_per_prompt_token_s * ctx + server.tbt_s
+    tokens_during = np.ceil(t_m / src_rate)
+    buffer_needed = np.ceil(cfg.read_tps * t_m)
+    lead_per_token = max(1e-9, 1.0 - cfg.read_tps * src_rate)
+    switch_after = np.maximum(tokens_during, np.ceil(buffer_needed / lead_per_token))
+    at_index = generated_tokens + switch_after
+    moved = np.asarray(expected_remaining, dtype=float) - switch_after
+    per_token = decode_cost_per_token(winner, server, device) - decode_cost_per_token(
+        target, server, device
+    )
+    saving = moved * per_token
+    overhead = (np.asarray(prompt_tokens, dtype=float) + at_index) * prefill_cost_per_token(
+        target, server, device
+    )
+    net = saving - overhead
+    migrate = (moved >= cfg.min_remaining_tokens) & (net > cfg.min_saving_usd)
+    return MigrationBatch(migrate, at_index.astype(np.int64), t_m, net)

@@ -133,6 +133,10 @@ class RequestOutcome:
     first_token_from: EndpointKind | None = None
     migrated_at: int | None = None  # first token index produced by the migration target
     error: str | None = None
+    # Whether each endpoint started on the original request (a hedge may never fire); None when
+    # the producer does not say (then a policy infers it from the prompt tokens charged).
+    server_started: bool | None = None
+    device_started: bool | None = None
 
     @property
     def ttft(self) -> float | None:
@@ -141,4 +145,4 @@ class RequestOutcome:
     @property
     def gaps(self) -> list[float]:
         t = self.token_times
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in zip(t, t[1:], strict=False)]

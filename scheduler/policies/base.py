@@ -23,6 +23,11 @@ class PolicyConfig:
     window: int = 2000  # requests in the sliding window of online estimates
     recompute_every: int = 100  # recompute thresholds / wait times every N observations
     seed: int = 0
+    # [R] DiSCo-D protects this TTFT quantile first ("tail protection"), then spends the rest of
+    # the budget on the mean.
+    tail_quantile: float = 0.99
+    # [R] budget feedback: repay the spent-vs-b deficit over this many recompute periods.
+    feedback_horizon: float = 4.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.budget <= 1.0:

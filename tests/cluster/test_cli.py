@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from disco.cluster import cli
 from disco.cluster.commands import bench
 
@@ -39,7 +38,7 @@ def test_bench_list_and_unknown(capsys: pytest.CaptureFixture[str]) -> None:
     assert names[0] in capsys.readouterr().out
     assert cli.main(["bench", "no-such-bench"]) == 2
     err = capsys.readouterr().err
-    assert "unknown benchmark 'no-such-bench'" in err and "\n" == err[-1] and err.count("\n") == 1
+    assert "unknown benchmark 'no-such-bench'" in err and err[-1] == "\n" and err.count("\n") == 1
 
 
 def test_console_script_runs_in_a_fresh_process() -> None:

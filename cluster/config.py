@@ -1,0 +1,315 @@
+"""Typed configuration of a testbed: Ray, the Serve server deployment, the scheduler, the fleet.
+
+One YAML file maps onto :class:`TestbedConfig`; every section is optional and has defaults that
+run on a laptop (local Ray, one emulated server replica, no fleet). Loading is strict: an unknown
+key or a value of the wrong type raises :class:`ConfigError` naming the dotted path, so a typo in
+a config never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    # None: start an embedded local Ray (or join RAY_ADDRESS when that is set); "auto" or
+    # "ray://host:10001" / "host:6379": connect to an existing cluster.
+    address: str | None = None
+    namespace: str = "disco"
+    num_cpus: int | None = None  # only for an embedded local Ray
+    include_dashboard: bool = False  # the dashboard doubles Ray's start time and memory here
+
+
+@dataclass(frozen=True)
+class AutoscalingConfig:
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 8.0
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
+            raise ConfigError(
+                f"autoscaling: need 0 <= min_replicas <= max_replicas and max_replicas >= 1, "
+                f"got min={self.min_replicas} max={self.max_replicas}"
+            )
+        if self.target_ongoing_requests <= 0:
+            raise ConfigError("autoscaling.target_ongoing_requests must be > 0")
+
+    def to_serve(self) -> dict[str, Any]:
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+        }
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"  # never all interfaces unless asked
+    port: int = 8000  # 0: pick a free port at start
+    # "HeadOnly": one HTTP proxy (also what several nodes on one machine need: they share an
+    # address); "EveryNode": a proxy per node, for a real multi-machine cluster.
+    proxy_location: str = "HeadOnly"
+
+    def __post_init__(self) -> None:
+        if self.proxy_location not in ("HeadOnly", "EveryNode", "Disabled"):
+            raise ConfigError(
+                f"server.http.proxy_location must be HeadOnly, EveryNode or Disabled, "
+                f"got {self.proxy_location!r}"
+            )
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"server.http.port must be in 0..65535, got {self.port}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The Ray Serve deployment that hosts one server engine per replica."""
+
+    # A name in disco.scheduler.endpoint.ENDPOINTS ("emulated", "llamacpp", "vllm", "openai"),
+    # or "package.module:factory" for an engine outside the registry.
+    engine: str = "emulated"
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_name: str = "disco-server"  # the OpenAI `model` the route answers to
+    app_name: str = "disco"
+    route_prefix: str = "/"
+    num_replicas: int = 1  # ignored when `autoscaling` is set
+    autoscaling: AutoscalingConfig | None = None
+    max_ongoing_requests: int = 64
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # e.g. {"disco_server": 0.01}
+    # 0: every token is its own SSE chunk, sent at once. > 0: coalesce chunks over this interval,
+    # as Ray Serve LLM does by default (50 ms); kept only to measure what it costs.
+    stream_batching_interval_ms: float = 0.0
+    max_body_bytes: int = 1_000_000
+    max_tokens_limit: int = 4096
+    # When set (or DISCO_SERVER_API_KEY is), every request must carry "Authorization: Bearer KEY".
+    api_key: str | None = None
+    http: HttpConfig = field(default_factory=HttpConfig)
+
+    def __post_init__(self) -> None:
+        if not self.engine:
+            raise ConfigError("server.engine must be a non-empty engine name")
+        if self.num_replicas < 1:
+            raise ConfigError("server.num_replicas must be >= 1")
+        if self.max_ongoing_requests < 1:
+            raise ConfigError("server.max_ongoing_requests must be >= 1")
+        if self.stream_batching_interval_ms < 0:
+            raise ConfigError("server.stream_batching_interval_ms must be >= 0")
+        if self.max_tokens_limit < 1 or self.max_body_bytes < 1024:
+            raise ConfigError("server.max_tokens_limit must be >= 1 and max_body_bytes >= 1024")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The central SchedulerActor and the policy it wraps."""
+
+    # A name in disco.scheduler.policies.POLICIES, or "package.module:factory".
+    policy: str = "disco"
+    regime: str = "server"  # "server" (DiSCo-S) or "device" (DiSCo-D)
+    budget: float = 0.5
+    migration: bool = True
+    window: int = 2000
+    recompute_every: int = 100
+    seed: int = 0
+    server_profile: str = "gpt-4o-mini"  # a named profile or a JSON file
+    device_profile: str = "xiaomi14-qwen0.5b"
+    actor_name: str = "disco-scheduler"
+    max_restarts: int = -1  # restart forever; state comes back from the checkpoint
+    # Where the budget state is checkpointed: "gcs" (Ray's GCS key-value store: survives actor
+    # restarts on any node), a file path, or "none".
+    checkpoint: str = "gcs"
+    checkpoint_interval_s: float = 0.05
+    num_cpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.regime not in ("server", "device"):
+            raise ConfigError(f"scheduler.regime must be 'server' or 'device', got {self.regime!r}")
+        if not 0.0 <= self.budget <= 1.0:
+            raise ConfigError(f"scheduler.budget must be in [0, 1], got {self.budget}")
+        if self.window <= 0 or self.recompute_every <= 0:
+            raise ConfigError("scheduler.window and scheduler.recompute_every must be > 0")
+        if self.checkpoint_interval_s < 0:
+            raise ConfigError("scheduler.checkpoint_interval_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Per-device delay injected on the server path of emulated devices (the last hop)."""
+
+    rtt_ms: float = 50.0
+    jitter_ms: float = 10.0
+    # constant | normal | exponential | lognormal | pareto (disco.device_agents.network)
+    distribution: str = "lognormal"
+
+    def __post_init__(self) -> None:
+        if self.rtt_ms < 0 or self.jitter_ms < 0:
+            raise ConfigError("fleet.network: rtt_ms and jitter_ms must be >= 0")
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Emulated devices, hosted `devices_per_actor` to a Ray actor."""
+
+    devices: int = 0
+    devices_per_actor: int = 500
+    profiles: list[str] = field(default_factory=lambda: ["xiaomi14-qwen0.5b"])  # cycled
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    time_scale: float = 1.0  # < 1 replays the device profiles faster (tests)
+    # "serve": devices stream from the Serve app over HTTP; "emulated": each fleet actor runs an
+    # in-process emulated server of scheduler.server_profile (no Serve in the path, for scale).
+    server: str = "serve"
+    seed: int = 0
+    num_cpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # e.g. {"disco_device": 0.01}
+
+    def __post_init__(self) -> None:
+        if self.devices < 0 or self.devices_per_actor < 1:
+            raise ConfigError("fleet.devices must be >= 0 and fleet.devices_per_actor >= 1")
+        if self.devices and not self.profiles:
+            raise ConfigError("fleet.profiles must name at least one device profile")
+        if self.server not in ("serve", "emulated"):
+            raise ConfigError(f"fleet.server must be 'serve' or 'emulated', got {self.server!r}")
+        if self.time_scale < 0:
+            raise ConfigError("fleet.time_scale must be >= 0")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """A real llama.cpp device agent (an HTTP server) started as a Ray actor."""
+
+    enabled: bool = False
+    # A GGUF path or a bundled model name ("smollm2-135m", "gemma3-270m"); None: the default.
+    model: str | None = None
+    engine: str = "llamacpp"
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    device_id: str = "agent-0"
+    device_profile: str | None = None  # for migration estimates; None: scheduler.device_profile
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: a free port
+    api_key: str | None = None
+    num_cpus: float = 1.0
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TestbedConfig:
+    __test__ = False  # not a pytest test class
+
+    ray: RayConfig = field(default_factory=RayConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path) -> TestbedConfig:
+    """Read a YAML file into a :class:`TestbedConfig`; any problem is a :class:`ConfigError`."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    try:
+        return from_dict(TestbedConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
+def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """Build dataclass ``cls`` from plain data, checking keys and types recursively."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where or 'config'}: unknown key(s) {', '.join(map(str, unknown))} "
+            f"(known: {', '.join(fields)})"
+        )
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where}: must not be null")
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        if isinstance(value, str):
+            value = [s.strip() for s in value.split(",") if s.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        (it,) = typing.get_args(tp)
+        return [_coerce(it, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain data (for YAML dumps and for shipping a config to a Ray actor)."""
+    return dataclasses.asdict(cfg)

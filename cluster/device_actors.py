@@ -1,0 +1,269 @@
+"""The device side on Ray: emulated fleet actors and a real device agent actor.
+
+Both are thin: the work is done by ``disco.device_agents`` (coordinator, agent, fleet, HTTP API);
+this module only hands them what they need from the cluster — the server's URL (through the
+``openai`` engine with our ``prefix`` resume extension) and the scheduler actor behind the Planner
+protocol — and places them by custom resources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import ray
+from disco.cluster.config import AgentConfig, FleetConfig, TestbedConfig, to_dict
+from disco.cluster.planner_client import ActorPlanner
+from disco.cluster.resolve import build_engine
+from disco.scheduler.endpoint import Endpoint
+from disco.scheduler.planner import Planner
+from disco.scheduler.profiles import DeviceProfile, ServerProfile, load_profile
+
+
+def server_endpoint(server_url: str, model_name: str, api_key: str | None = None) -> Endpoint:
+    """The Serve app as a server endpoint: OpenAI SSE plus prefix resume."""
+    kw: dict[str, Any] = {"model": model_name, "disco_extensions": True}
+    if api_key:
+        kw["api_key"] = api_key
+    return build_engine("openai", {"base_url": server_url, **kw})
+
+
+def profiles(server: str, device: str) -> tuple[ServerProfile, DeviceProfile]:
+    sp, dp = load_profile(server, "server"), load_profile(device, "device")
+    assert isinstance(sp, ServerProfile) and isinstance(dp, DeviceProfile)
+    return sp, dp
+
+
+def build_agent(
+    *,
+    server: Endpoint,
+    device: Endpoint,
+    planner: Planner,
+    server_profile: ServerProfile,
+    device_profile: DeviceProfile,
+    device_id: str,
+) -> Any:
+    """A DeviceAgent (coordinator + planner) over the two endpoints."""
+    from disco.device_agents.agent import AgentConfig as DeviceAgentConfig
+    from disco.device_agents.agent import DeviceAgent
+    from disco.device_agents.coordinator import Coordinator
+
+    coord = Coordinator(server, device, server_profile, device_profile)
+    return DeviceAgent(coord, planner, DeviceAgentConfig(device_id=device_id))
+
+
+# ---- emulated fleet ------------------------------------------------------------------------------
+
+
+class FleetActor:
+    """Hosts ``n_devices`` emulated devices (``disco.device_agents.fleet.EmulatedFleet``).
+
+    Every public method of the fleet is forwarded; ``stream`` is a streaming actor method
+    (call it with ``.options(num_returns="streaming")``).
+    """
+
+    def __init__(
+        self,
+        fleet: dict[str, Any],
+        index: int,
+        n_devices: int,
+        server_profile: str,
+        server_url: str | None,
+        model_name: str,
+        scheduler: Any,
+    ) -> None:
+        from disco.cluster.config import from_dict
+        from disco.device_agents.fleet import EmulatedFleet
+        from disco.device_agents.fleet import FleetConfig as DeviceFleetConfig
+        from disco.device_agents.network import NetworkConfig
+
+        cfg = from_dict(FleetConfig, fleet, "fleet")
+        net = cfg.network
+        dcfg = DeviceFleetConfig(
+            n_devices=n_devices,
+            device_profiles=tuple(cfg.profiles),
+            server_profile=server_profile,
+            network=NetworkConfig(
+                rtt_s=net.rtt_ms / 1000.0,
+                jitter_s=net.jitter_ms / 1000.0,
+                distribution=net.distribution,
+                seed=cfg.seed + 100_000 * index,
+            ),
+            time_scale=cfg.time_scale,
+            seed=cfg.seed + 100_000 * index,
+            id_prefix=f"fleet{index}",
+        )
+        server = server_endpoint(server_url, model_name) if server_url else None
+        self.planner = ActorPlanner(scheduler) if scheduler is not None else None
+        self.fleet = EmulatedFleet(dcfg, planner=self.planner, server=server)
+
+    def device_ids(self) -> list[str]:
+        return self.fleet.device_ids()
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    async def generate(self, device_id: str, prompt: str, max_tokens: int, **kw: Any) -> dict:
+        return await self.fleet.generate(device_id, prompt, max_tokens, **kw)
+
+    async def generate_many(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Many requests at once (one Ray call), each a dict of ``generate`` arguments."""
+        return list(await asyncio.gather(*(self.fleet.generate(**c) for c in calls)))
+
+    async def stream(self, device_id: str, prompt: str, max_tokens: int, **kw: Any):
+        async for ev in self.fleet.stream(device_id, prompt, max_tokens, **kw):
+            yield ev
+
+    def stats(self) -> dict[str, Any]:
+        return self.fleet.stats()
+
+    def metrics_text(self) -> str:
+        return self.fleet.metrics_text()
+
+    async def close(self) -> None:
+        await self.fleet.close()
+
+
+def _placement(num_cpus: float, resources: dict[str, float]) -> dict[str, Any]:
+    opts: dict[str, Any] = {"num_cpus": num_cpus}
+    if resources:
+        opts["resources"] = dict(resources)
+    return opts
+
+
+def start_fleets(cfg: TestbedConfig, server_url: str | None, scheduler: Any) -> list[Any]:
+    """One FleetActor per ``devices_per_actor`` devices; returns their handles once ready."""
+    f = cfg.fleet
+    if f.devices == 0:
+        return []
+    url = server_url if f.server == "serve" else None
+    cls = ray.remote(FleetActor).options(**_placement(f.num_cpus, f.resources))
+    handles, left, i = [], f.devices, 0
+    while left > 0:
+        n = min(left, f.devices_per_actor)
+        handles.append(
+            cls.remote(
+                to_dict(f), i, n, cfg.scheduler.server_profile, url, cfg.server.model_name,
+                scheduler,
+            )
+        )  # fmt: skip
+        left -= n
+        i += 1
+    ray.get([h.device_ids.remote() for h in handles])  # surface construction errors now
+    return handles
+
+
+# ---- a real device agent -------------------------------------------------------------------------
+
+
+class DeviceAgentActor:
+    """A llama.cpp (or any engine) device agent serving its OpenAI API from inside a Ray actor."""
+
+    def __init__(
+        self,
+        agent: dict[str, Any],
+        server_url: str,
+        model_name: str,
+        server_profile: str,
+        device_profile: str,
+        scheduler: Any,
+    ) -> None:
+        from disco.cluster.config import from_dict
+
+        self.cfg = from_dict(AgentConfig, agent, "agent")
+        kwargs = dict(self.cfg.engine_kwargs)
+        if self.cfg.engine == "llamacpp":
+            kwargs.setdefault("model", self.cfg.model)
+        device = build_engine(self.cfg.engine, kwargs)
+        sp, dp = profiles(server_profile, self.cfg.device_profile or device_profile)
+        self.planner = ActorPlanner(scheduler)
+        self.agent = build_agent(
+            server=server_endpoint(server_url, model_name),
+            device=device,
+            planner=self.planner,
+            server_profile=sp,
+            device_profile=dp,
+            device_id=self.cfg.device_id,
+        )
+        self._server: Any = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> str:
+        """Serve the agent's HTTP API on the actor's event loop; returns its base URL."""
+        import uvicorn
+        from disco.device_agents.agent_http import HttpConfig, create_app
+
+        http = HttpConfig(host=self.cfg.host, port=self.cfg.port, api_key=self.cfg.api_key)
+        app = create_app(self.agent, http)
+        config = uvicorn.Config(
+            app, host=self.cfg.host, port=self.cfg.port, log_level="warning", lifespan="off"
+        )
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve())
+        for _ in range(1000):  # bounded: ~10 s
+            if self._server.started:
+                host, port = self._server.servers[0].sockets[0].getsockname()[:2]
+                return f"http://{host}:{port}"
+            if self._task.done():
+                self._task.result()  # raises the start error
+                break
+            await asyncio.sleep(0.01)
+        raise RuntimeError("the device agent's HTTP server did not start")
+
+    async def generate(self, prompt: str, max_tokens: int) -> dict[str, Any]:
+        """One request without HTTP (tests): the full outcome with the token events."""
+        from disco.device_agents.results import outcome_to_dict
+        from disco.scheduler.endpoint import GenerationRequest
+
+        ex = await self.agent.start(GenerationRequest(prompt, max_tokens))
+        events = []
+        try:
+            async for ev in ex:
+                events.append(ev)
+        except Exception:  # noqa: BLE001 - the outcome carries the error
+            pass
+        finally:
+            await ex.aclose()
+        d = outcome_to_dict(ex.outcome, failovers=ex.failovers)
+        d["events"] = [
+            {"index": e.index, "text": e.text, "source": e.source.value if e.source else None}
+            for e in events
+        ]
+        return d
+
+    def metrics(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self.agent.metrics)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 10)
+        await self.agent.drain()
+
+
+def start_agent(cfg: TestbedConfig, server_url: str, scheduler: Any) -> tuple[Any, str]:
+    a = cfg.agent
+    cls = ray.remote(DeviceAgentActor).options(
+        **_placement(a.num_cpus, a.resources), max_concurrency=1000
+    )
+    handle = cls.remote(
+        to_dict(a), server_url, cfg.server.model_name, cfg.scheduler.server_profile,
+        cfg.scheduler.device_profile, scheduler,
+    )  # fmt: skip
+    return handle, ray.get(handle.start.remote())
+
+
+__all__ = [
+    "DeviceAgentActor",
+    "FleetActor",
+    "build_agent",
+    "profiles",
+    "server_endpoint",
+    "start_agent",
+    "start_fleets",
+]

@@ -1,0 +1,70 @@
+"""Turn configured names into factories: engines (ENDPOINTS) and policies (POLICIES).
+
+Registries fill when the modules defining the implementations are imported, so a Ray worker that
+builds an engine or a policy imports those packages first. A name of the form
+``package.module:attr`` bypasses the registry (for out-of-tree engines and test doubles).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from disco.scheduler.endpoint import ENDPOINTS, Endpoint
+from disco.scheduler.policies.base import POLICIES, Policy, PolicyConfig
+from disco.scheduler.profiles import DeviceProfile, ServerProfile
+from disco.scheduler.registry import UnknownNameError
+
+# Packages whose import registers implementations; optional ones may be absent.
+ENGINE_PACKAGES = ("disco.device_agents.engines", "disco.cluster.engines")
+POLICY_PACKAGES = ("disco.scheduler.policies",)
+
+
+def _import_attr(spec: str) -> Any:
+    mod, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as e:
+        raise UnknownNameError(f"cannot load {spec!r}: {e}") from None
+
+
+def _import_packages(names: tuple[str, ...]) -> list[str]:
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):  # the package itself is not there (yet)
+                missing.append(name)
+                continue
+            raise
+    return missing
+
+
+def engine_factory(name: str) -> Any:
+    if ":" in name:
+        return _import_attr(name)
+    _import_packages(ENGINE_PACKAGES)
+    return ENDPOINTS.get(name)
+
+
+def build_engine(name: str, kwargs: dict[str, Any]) -> Endpoint:
+    return engine_factory(name)(**kwargs)
+
+
+def policy_factory(name: str) -> Any:
+    if ":" in name:
+        return _import_attr(name)
+    _import_packages(POLICY_PACKAGES)
+    return POLICIES.get(name)
+
+
+def build_policy(
+    name: str, config: PolicyConfig, server: ServerProfile, device: DeviceProfile
+) -> Policy:
+    return policy_factory(name)(config, server, device)
+
+
+def policy_names() -> list[str]:
+    _import_packages(POLICY_PACKAGES)
+    return POLICIES.names()

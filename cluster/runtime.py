@@ -1,0 +1,157 @@
+"""Bring a testbed up on Ray and take it down again.
+
+``Testbed.start(config)`` connects to Ray (an embedded local instance by default; ``ray.address``
+or ``RAY_ADDRESS`` joins a cluster started with ``ray start``), deploys the Serve server app,
+starts the scheduler actor, the emulated fleet actors and (optionally) a real llama.cpp device
+agent, each placed by the custom resources its config section names, e.g. ``{"disco_server":
+0.01}`` on server nodes and ``{"disco_device": 0.01}`` on device nodes. ``shutdown()`` removes
+what it started and, if it started Ray itself, stops Ray.
+
+    with Testbed.start(load_config("cluster.yaml")) as tb:
+        tb.server_url           # http://127.0.0.1:PORT (OpenAI-compatible, /v1/completions)
+        tb.scheduler            # the SchedulerActor handle
+        tb.planner()            # a Planner over it, for in-process device agents
+        tb.fleets, tb.agent_url
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from disco.cluster.config import ServerConfig, TestbedConfig
+
+SERVE_READY_TIMEOUT_S = 120.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def connect_ray(cfg: TestbedConfig) -> bool:
+    """Initialise Ray unless the caller already did; True if this call started or joined it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=cfg.ray.num_cpus,
+            include_dashboard=cfg.ray.include_dashboard,
+            namespace=cfg.ray.namespace,
+            log_to_driver=False,
+        )
+    return True
+
+
+def start_serve(cfg: ServerConfig) -> int:
+    """Start Serve's HTTP proxy on ``cfg.http`` (a free port for port 0); returns the port."""
+    from ray import serve
+
+    port = cfg.http.port or free_port(cfg.http.host)
+    serve.start(
+        proxy_location=cfg.http.proxy_location,
+        http_options={"host": cfg.http.host, "port": port},
+    )
+    return port
+
+
+def deploy_server(cfg: ServerConfig) -> Any:
+    """Deploy (or update) the server application, wait until it is ready; returns its handle."""
+    from disco.cluster.serve_app import build_app
+    from ray import serve
+
+    return serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+
+
+def server_url(cfg: ServerConfig, port: int) -> str:
+    prefix = cfg.route_prefix.rstrip("/")
+    return f"http://{cfg.http.host}:{port}{prefix}"
+
+
+@dataclass
+class Testbed:
+    __test__ = False  # not a pytest test class
+
+    config: TestbedConfig
+    server_url: str
+    server_handle: Any  # ray.serve.handle.DeploymentHandle
+    scheduler: Any  # ActorHandle of SchedulerActor
+    fleets: list[Any] = field(default_factory=list)  # FleetActor handles
+    agent: Any = None  # DeviceAgentActor handle
+    agent_url: str | None = None
+    owns_ray: bool = False
+
+    @classmethod
+    def start(cls, config: TestbedConfig | None = None) -> Testbed:
+        from disco.cluster.scheduler_actor import start_scheduler
+
+        cfg = config or TestbedConfig()
+        owns = connect_ray(cfg)
+        tb: Testbed | None = None
+        try:
+            port = start_serve(cfg.server)
+            scheduler = start_scheduler(cfg.scheduler)
+            handle = deploy_server(cfg.server)
+            tb = cls(cfg, server_url(cfg.server, port), handle, scheduler, owns_ray=owns)
+            tb._start_devices()
+            return tb
+        except BaseException:
+            if tb is not None:
+                tb.shutdown()
+            else:
+                _stop(owns)
+            raise
+
+    def _start_devices(self) -> None:
+        from disco.cluster import device_actors
+
+        cfg = self.config
+        self.fleets = device_actors.start_fleets(cfg, self.server_url, self.scheduler)
+        if cfg.agent.enabled:
+            self.agent, self.agent_url = device_actors.start_agent(
+                cfg, self.server_url, self.scheduler
+            )
+
+    def planner(self, **kwargs: Any) -> Any:
+        """A Planner over the scheduler actor (``disco.scheduler.planner.Planner``)."""
+        from disco.cluster.planner_client import ActorPlanner
+
+        return ActorPlanner(self.scheduler, **kwargs)
+
+    def shutdown(self) -> None:
+        import ray
+        from ray import serve
+
+        for h in [*self.fleets, self.agent, self.scheduler]:
+            if h is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(h, no_restart=True)
+        self.fleets, self.agent = [], None
+        with contextlib.suppress(Exception):
+            serve.delete(self.config.server.app_name)
+        if self.owns_ray:
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+        _stop(self.owns_ray)
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _stop(owns_ray: bool) -> None:
+    import ray
+
+    if owns_ray and ray.is_initialized():
+        ray.shutdown()

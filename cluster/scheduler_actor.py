@@ -1,0 +1,128 @@
+"""The central scheduler: one Ray actor wrapping a core policy for every device in the testbed.
+
+- ``plan_many(requests)`` answers a whole batch in one call (a Ray call costs ~1 ms here, a policy
+  decision microseconds); :class:`~disco.cluster.planner_client.ActorPlanner` gathers concurrent
+  callers into such batches. The methods are async, so many batches are in flight at once.
+- ``report_many(outcomes)`` feeds telemetry (first-token times, work done, costs) to the policy's
+  online estimates and to the budget ledger.
+- Restarts: the actor is created with ``max_restarts``; its state (the pickled policy and the
+  ledger) is checkpointed to Ray's GCS store (or a file) at most every ``checkpoint_interval_s``
+  after a report (0: on every report), and ``__init__`` restores it, so a restarted actor keeps
+  its budget accounting. Callers' in-flight calls are retried (``max_task_retries=-1``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from disco.cluster.config import SchedulerConfig, from_dict, to_dict
+from disco.cluster.resolve import build_policy
+from disco.cluster.scheduler_state import SchedulerCore, make_store
+from disco.scheduler.policies.base import Policy, PolicyConfig
+from disco.scheduler.profiles import DeviceProfile, ServerProfile, load_profile
+from disco.scheduler.types import Plan, Regime, Request, RequestOutcome
+
+
+def policy_from_config(cfg: SchedulerConfig) -> Policy:
+    server = load_profile(cfg.server_profile, "server")
+    device = load_profile(cfg.device_profile, "device")
+    assert isinstance(server, ServerProfile) and isinstance(device, DeviceProfile)
+    pcfg = PolicyConfig(
+        regime=Regime(cfg.regime),
+        budget=cfg.budget,
+        migration=cfg.migration,
+        window=cfg.window,
+        recompute_every=cfg.recompute_every,
+        seed=cfg.seed,
+    )
+    return build_policy(cfg.policy, pcfg, server, device)
+
+
+class SchedulerActor:
+    """Use :func:`start_scheduler` to create it as a Ray actor."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.cfg = from_dict(SchedulerConfig, config, "scheduler")
+        self.core = SchedulerCore(
+            policy_from_config(self.cfg), Regime(self.cfg.regime), replay_window=self.cfg.window
+        )
+        self.store = make_store(self.cfg.checkpoint, self.cfg.actor_name)
+        blob = self.store.load()
+        if blob is not None:
+            self.core.restore(blob, lambda: policy_from_config(self.cfg))
+        self._flush_scheduled = False
+        self._dirty = False
+
+    async def ping(self) -> int:
+        """The actor's process id (changes when Ray restarts it)."""
+        return os.getpid()
+
+    async def plan(self, request: Request) -> Plan:
+        return self.core.plan_many((request,), time.monotonic())[0]
+
+    async def plan_many(self, requests: Sequence[Request]) -> list[Plan]:
+        return self.core.plan_many(requests, time.monotonic())
+
+    async def report(self, outcome: RequestOutcome) -> None:
+        await self.report_many((outcome,))
+
+    async def report_many(self, outcomes: Sequence[RequestOutcome]) -> None:
+        self.core.observe_many(outcomes)
+        self._dirty = True
+        if self.cfg.checkpoint_interval_s <= 0:
+            self._flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(self.cfg.checkpoint_interval_s, self._flush)
+
+    async def checkpoint(self) -> None:
+        """Write the state now (tests, shutdown)."""
+        self._dirty = True
+        self._flush()
+
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """Switch policy or budget live; the ledger (the budget spent so far) carries over."""
+        cfg = from_dict(SchedulerConfig, config, "scheduler")
+        self.core.policy = policy_from_config(cfg)
+        self.core.regime = Regime(cfg.regime)
+        self.cfg = cfg
+        await self.checkpoint()
+
+    async def stats(self) -> dict[str, Any]:
+        return self.core.stats() | {"node_id": ray.get_runtime_context().get_node_id()}
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._dirty:
+            self._dirty = False
+            self.store.save(self.core.snapshot())
+
+
+def start_scheduler(
+    cfg: SchedulerConfig, *, fresh: bool = True, detached: bool = False
+) -> ray.actor.ActorHandle:
+    """Create (or, with ``fresh=False``, join) the named scheduler actor.
+
+    ``fresh`` drops a checkpoint left by an earlier testbed of the same name, so a new run does
+    not inherit an old budget; ``detached`` keeps the actor after the driver exits
+    (``disco serve``).
+    """
+    if fresh:
+        make_store(cfg.checkpoint, cfg.actor_name).clear()
+    opts: dict[str, Any] = {
+        "name": cfg.actor_name,
+        "max_restarts": cfg.max_restarts,
+        "max_task_retries": -1,
+        "num_cpus": cfg.num_cpus,
+        "get_if_exists": not fresh,
+    }
+    if cfg.resources:
+        opts["resources"] = dict(cfg.resources)
+    if detached:
+        opts["lifetime"] = "detached"
+    return ray.remote(SchedulerActor).options(**opts).remote(to_dict(cfg))

@@ -1,0 +1,216 @@
+"""What the scheduler actor must not lose across a restart, and where it is kept.
+
+- :class:`BudgetLedger`: the work each endpoint did (prompt/output tokens, cost, energy), so the
+  budget share actually spent is known whatever the policy keeps inside.
+- :class:`SchedulerCore`: a policy plus its ledger, with ``plan_many`` / ``observe_many``; no Ray
+  and no clock (time is an argument), so it is tested and benchmarked in-process.
+- Checkpoint stores: Ray's GCS key-value store (survives an actor restart on any node) or a file.
+  A snapshot is the pickled policy and ledger; a policy that cannot be pickled is rebuilt by
+  replaying the most recent outcomes (its sliding window) into a fresh one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from disco.scheduler.policies.base import Policy
+from disco.scheduler.types import EndpointKind, Plan, Regime, Request, RequestOutcome
+
+
+@dataclass(slots=True)
+class BudgetLedger:
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    server_prompt_tokens: int = 0
+    device_prompt_tokens: int = 0
+    server_output_tokens: int = 0
+    device_output_tokens: int = 0
+    server_cost: float = 0.0
+    device_energy_j: float = 0.0
+    first_from_server: int = 0
+    first_from_device: int = 0
+    migrations: int = 0
+
+    def add(self, o: RequestOutcome) -> None:
+        self.requests += 1
+        self.errors += o.error is not None
+        self.prompt_tokens += o.prompt_tokens
+        self.server_prompt_tokens += o.server_prompt_tokens
+        self.device_prompt_tokens += o.device_prompt_tokens
+        self.server_output_tokens += o.server_output_tokens
+        self.device_output_tokens += o.device_output_tokens
+        self.server_cost += o.server_cost
+        self.device_energy_j += o.device_energy_j
+        self.first_from_server += o.first_token_from is EndpointKind.SERVER
+        self.first_from_device += o.first_token_from is EndpointKind.DEVICE
+        self.migrations += o.migrated_at is not None
+
+    def spent_ratio(self, regime: Regime) -> float:
+        """Share of prompt tokens the constrained endpoint prefilled (the budget's b)."""
+        if self.prompt_tokens == 0:
+            return 0.0
+        used = (
+            self.device_prompt_tokens
+            if regime is Regime.DEVICE_CONSTRAINED
+            else self.server_prompt_tokens
+        )
+        return used / self.prompt_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SchedulerCore:
+    """A policy with its ledger; batch methods so one call carries many decisions."""
+
+    def __init__(self, policy: Policy, regime: Regime, replay_window: int = 2000) -> None:
+        self.policy = policy
+        self.regime = regime
+        self.ledger = BudgetLedger()
+        self.plans = 0
+        self.restores = 0
+        # Recent outcomes, to rebuild a policy that cannot be pickled.
+        self.recent: deque[RequestOutcome] = deque(maxlen=replay_window)
+
+    def plan_many(self, requests: Sequence[Request], now: float) -> list[Plan]:
+        plan = self.policy.plan
+        out = [plan(r, now) for r in requests]
+        self.plans += len(out)
+        return out
+
+    def observe_many(self, outcomes: Sequence[RequestOutcome]) -> None:
+        for o in outcomes:
+            self.policy.observe(o)
+            self.ledger.add(o)
+            self.recent.append(o)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "policy": getattr(self.policy, "name", type(self.policy).__name__),
+            "regime": self.regime.value,
+            "plans": self.plans,
+            "restores": self.restores,
+            "spent_ratio": self.ledger.spent_ratio(self.regime),
+            "ledger": self.ledger.to_dict(),
+        }
+
+    # ---- snapshots ----------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        state: dict[str, Any] = {
+            "ledger": self.ledger,
+            "plans": self.plans,
+            "restores": self.restores,
+            "recent": list(self.recent),
+        }
+        try:
+            state["policy"] = pickle.dumps(self.policy, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001 - any unpicklable member: fall back to replay
+            state["policy"] = None
+        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def restore(self, blob: bytes, fresh_policy: Callable[[], Policy]) -> None:
+        state = pickle.loads(blob)
+        self.ledger = state["ledger"]
+        self.plans = state["plans"]
+        self.restores = state["restores"] + 1
+        self.recent = deque(state["recent"], maxlen=self.recent.maxlen)
+        if state["policy"] is not None:
+            self.policy = pickle.loads(state["policy"])
+        else:
+            self.policy = fresh_policy()
+            for o in self.recent:
+                self.policy.observe(o)
+
+
+# ---- checkpoint stores ------------------------------------------------------------------------
+
+
+class CheckpointStore(Protocol):
+    def load(self) -> bytes | None: ...
+
+    def save(self, blob: bytes) -> None: ...
+
+    def clear(self) -> None: ...
+
+
+class NullStore:
+    def load(self) -> bytes | None:
+        return None
+
+    def save(self, blob: bytes) -> None:
+        return None
+
+    def clear(self) -> None:
+        return None
+
+
+class FileStore:
+    """Atomic writes (temp file + rename): a crash mid-write leaves the previous snapshot."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def save(self, blob: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def clear(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class GcsStore:
+    """Ray's GCS key-value store: reachable from every node, outlives any one actor."""
+
+    NAMESPACE = "disco"
+
+    def __init__(self, key: str) -> None:
+        self.key = f"scheduler-checkpoint/{key}".encode()
+
+    def load(self) -> bytes | None:
+        from ray.experimental import internal_kv
+
+        return internal_kv._internal_kv_get(self.key, namespace=self.NAMESPACE)
+
+    def save(self, blob: bytes) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(self.key, blob, overwrite=True, namespace=self.NAMESPACE)
+
+    def clear(self) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_del(self.key, namespace=self.NAMESPACE)
+
+
+def make_store(spec: str, key: str) -> CheckpointStore:
+    """``"gcs"``, ``"none"``, or a file path."""
+    if spec == "gcs":
+        return GcsStore(key)
+    if spec in ("", "none"):
+        return NullStore()
+    return FileStore(spec)

@@ -1,0 +1,93 @@
+"""Per-agent counters and a TTFT histogram, rendered in the Prometheus text format.
+
+Hand-written (no client library): a handful of series does not justify a dependency, and each
+agent (or emulated device) owns its own instance, so there is no process-global registry.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from disco.scheduler.types import RequestOutcome
+
+# Seconds; spans a fast local device (tens of ms) to a congested server tail (several seconds).
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class AgentMetrics:
+    requests: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    rejected: int = 0  # bad input answered with a 4xx
+    planner_errors: int = 0
+    tokens: int = 0
+    tokens_server: int = 0
+    tokens_device: int = 0
+    migrations: int = 0
+    failovers: int = 0
+    server_cost_usd: float = 0.0
+    device_energy_j: float = 0.0
+    ttft_buckets: list[int] = field(default_factory=lambda: [0] * (len(TTFT_BUCKETS) + 1))
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+
+    def observe(self, outcome: RequestOutcome, failovers: int, cancelled: bool) -> None:
+        if cancelled:
+            self.cancelled += 1
+        elif outcome.error:
+            self.failed += 1
+        else:
+            self.completed += 1
+        n_server = sum(1 for s in outcome.token_sources if s.value == "server")
+        self.tokens += len(outcome.token_sources)
+        self.tokens_server += n_server
+        self.tokens_device += len(outcome.token_sources) - n_server
+        self.migrations += outcome.migrated_at is not None
+        self.failovers += failovers
+        self.server_cost_usd += outcome.server_cost
+        self.device_energy_j += outcome.device_energy_j
+        ttft = outcome.ttft
+        if ttft is not None:
+            self.ttft_buckets[bisect.bisect_left(TTFT_BUCKETS, ttft)] += 1
+            self.ttft_sum += ttft
+            self.ttft_count += 1
+
+    def render(self, prefix: str = "disco_agent", labels: str = "") -> str:
+        lb = f"{{{labels}}}" if labels else ""
+        out: list[str] = []
+        declared: set[str] = set()
+
+        def counter(name: str, help_: str, value: float, extra: str = "") -> None:
+            full = f"{prefix}_{name}"
+            if full not in declared:
+                declared.add(full)
+                out.append(f"# HELP {full} {help_}\n# TYPE {full} counter\n")
+            lab = ",".join(x for x in (labels, extra) if x)
+            out.append(f"{full}{{{lab}}} {value}\n" if lab else f"{full} {value}\n")
+
+        counter("requests_total", "Requests accepted.", self.requests)
+        counter("requests_completed_total", "Requests streamed to the end.", self.completed)
+        counter("requests_failed_total", "Requests that ended with an error.", self.failed)
+        counter("requests_cancelled_total", "Requests the client abandoned.", self.cancelled)
+        counter("requests_rejected_total", "Requests rejected as bad input.", self.rejected)
+        counter("planner_errors_total", "Planner calls that failed (fallback plan used).",
+                self.planner_errors)  # fmt: skip
+        counter("tokens_total", "Tokens delivered to users.", self.tokens_server, 'source="server"')
+        counter("tokens_total", "Tokens delivered to users.", self.tokens_device, 'source="device"')
+        counter("migrations_total", "Generations migrated mid-stream.", self.migrations)
+        counter("failovers_total", "Hand-overs after an endpoint failed.", self.failovers)
+        counter("server_cost_usd_total", "Server cost (list prices).", self.server_cost_usd)
+        counter("device_energy_joules_total", "Device energy.", self.device_energy_j)
+        h = f"{prefix}_ttft_seconds"
+        out.append(f"# HELP {h} Time to first token at the user.\n# TYPE {h} histogram\n")
+        cum = 0
+        for bound, n in zip((*TTFT_BUCKETS, float("inf")), self.ttft_buckets, strict=True):
+            cum += n
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            lab = ",".join(x for x in (labels, f'le="{le}"') if x)
+            out.append(f"{h}_bucket{{{lab}}} {cum}\n")
+        out.append(f"{h}_sum{lb} {self.ttft_sum}\n{h}_count{lb} {self.ttft_count}\n")
+        return "".join(out)

@@ -1,0 +1,227 @@
+"""Locust users that replay a schedule open-loop and stream /v1/completions from device agents.
+
+Loaded by ``locust -f`` in its own process (``disco.loadgen.runner`` starts it): importing Locust
+monkey-patches the process with gevent, which must never meet Ray or asyncio code.
+
+Every user shares one :class:`~disco.loadgen.pacer.Pacer`: a user claims the next request, sleeps
+until it is due, sends it to its device, and streams the answer. TTFT is taken inside the streaming
+loop at the first non-empty token (Locust's own timing of ``stream=True`` stops at the headers),
+every token gets its own arrival time, and the results go to Locust's statistics as custom entries
+(``TTFT``, ``TBT``, ``completion``: the web UI and ``--csv`` show them) and, raw, to a JSONL file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import gevent
+from disco.loadgen.pacer import Pacer
+from disco.loadgen.records import RecordWriter, RequestRecord
+from disco.loadgen.schedule import ScheduledRequest, read_schedule
+from disco.loadgen.spec import SPEC_ENV, LoadSpec
+from disco.loadgen.sse import SSEDecoder
+from locust import FastHttpUser, constant, events, task
+from locust.env import Environment
+from locust.stats import CSV_STATS_INTERVAL_SEC
+
+log = logging.getLogger("disco.loadgen")
+KIND = "SSE"  # request_type of the custom entries
+
+
+@dataclass
+class ReplayRun:
+    """State shared by every user of one Locust process (attached to the Environment)."""
+
+    spec: LoadSpec
+    requests: list[ScheduledRequest]
+    pacer: Pacer
+    writer: RecordWriter
+    t0_epoch: float = 0.0
+    inflight: int = 0
+    done: int = 0
+    errors: int = 0
+    quitting: bool = False
+    open_records: dict[str, RequestRecord] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> ReplayRun:
+        path = os.environ.get(SPEC_ENV)
+        if not path:
+            raise RuntimeError(f"{SPEC_ENV} is not set: run this locustfile through `disco load`")
+        spec = LoadSpec.read(path)
+        reqs = read_schedule(spec.schedule)
+        pacer = Pacer([r.due for r in reqs], late_s=spec.late_s, warn=log.warning, spin_s=spec.spin_s)
+        return cls(spec, reqs, pacer, RecordWriter(spec.records))
+
+    def progress(self) -> dict:
+        s = self.pacer.stats()
+        return {
+            "total": s.total, "sent": s.sent, "done": self.done, "errors": self.errors,
+            "inflight": self.inflight, "late": s.late, "max_lag_s": round(s.max_lag_s, 4),
+            "elapsed_s": round(max(0.0, time.monotonic() - self.pacer.t0), 2) if self.pacer.started else 0.0,
+        }  # fmt: skip
+
+
+@events.init.add_listener
+def _on_init(environment: Environment, **_kw) -> None:
+    environment.disco_run = ReplayRun.from_env()  # type: ignore[attr-defined]
+
+
+@events.test_start.add_listener
+def _on_start(environment: Environment, **_kw) -> None:
+    run: ReplayRun = environment.disco_run  # type: ignore[attr-defined]
+    # Users are spawned after this event, so they all meet the same time zero.
+    run.pacer.start(time.monotonic() + run.spec.start_lead_s)
+    run.t0_epoch = time.time() + run.spec.start_lead_s
+    gevent.spawn(_write_progress, run)
+
+
+@events.quitting.add_listener
+def _on_quitting(environment: Environment, **_kw) -> None:
+    run: ReplayRun | None = getattr(environment, "disco_run", None)
+    if run is None:
+        return
+    run.quitting = True  # users stop claiming and sending
+    # Requests cut off by the end of the run (Ctrl-C, --run-time) are written as interrupted.
+    for rec in list(run.open_records.values()):
+        rec.error = rec.error or "interrupted"
+        run.writer.write(rec)
+        run.errors += 1
+        _fire(environment, "completion", (time.monotonic() - run.pacer.t0 - rec.sent) * 1000,
+              StreamError(rec.error), rec.tokens)  # fmt: skip
+    run.open_records.clear()
+    _dump_progress(run)
+    run.writer.close()
+    # Locust's --csv writer runs every CSV_STATS_INTERVAL_SEC and not again at shutdown: let it
+    # run once more so the CSV holds the final statistics.
+    gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.2)
+
+
+def _write_progress(run: ReplayRun) -> None:
+    while not run.quitting:
+        _dump_progress(run)
+        gevent.sleep(1.0)
+
+
+def _dump_progress(run: ReplayRun) -> None:
+    tmp = run.spec.progress + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        # CLOCK_MONOTONIC is system-wide on Linux: another process (a benchmark's server) can
+        # compare its own monotonic readings with the schedule's origin.
+        t0 = run.pacer.t0 if run.pacer.started else None
+        json.dump({**run.progress(), "t0_epoch": run.t0_epoch, "t0_monotonic": t0}, f)
+    os.replace(tmp, run.spec.progress)
+
+
+def _fire(env: Environment, name: str, ms: float, exc: Exception | None = None, length: int = 0):
+    env.events.request.fire(
+        request_type=KIND, name=name, response_time=ms, response_length=length,
+        exception=exc, context={},
+    )  # fmt: skip
+
+
+class StreamError(Exception):
+    pass
+
+
+class StreamingUser(FastHttpUser):
+    """One simulated user; requests carry absolute URLs (each goes to its own device)."""
+
+    host = "http://127.0.0.1"  # required by Locust; every request names its target in full
+    wait_time = constant(0)  # the pacer decides when to send
+    network_timeout = 120.0
+    connection_timeout = 10.0
+    max_retries = 0  # a retry would hide a failure and shift the schedule
+
+    @task
+    def replay(self) -> None:
+        run: ReplayRun = self.environment.disco_run  # type: ignore[attr-defined]
+        slot = None if run.quitting else run.pacer.claim()
+        if slot is None:
+            self._maybe_finish(run)
+            gevent.sleep(0.2)
+            return
+        req = run.requests[slot.index]
+        run.pacer.wait(slot, gevent.sleep)
+        if run.quitting:
+            return
+        sent_at = time.monotonic()
+        run.pacer.sent(slot, sent_at)
+        rec = RequestRecord(
+            id=req.id, target=req.target, due=req.due, sent=sent_at - run.pacer.t0,
+            prompt_tokens=req.prompt_tokens, max_tokens=req.max_tokens, session=req.session,
+        )  # fmt: skip
+        run.inflight += 1
+        run.open_records[req.id] = rec
+        finished = False
+        try:
+            self._stream(run, req, rec, sent_at)
+            finished = True
+        except StreamError as e:
+            rec.error = str(e)
+        except Exception as e:  # noqa: BLE001 (any client failure is a failed request, not a crash)
+            rec.error = f"{type(e).__name__}: {e}"
+        finally:
+            if rec.error is None and not finished:  # GreenletExit: the run was stopped under us
+                rec.error = "interrupted"
+            if run.open_records.pop(req.id, None) is not None:
+                rec.end = time.monotonic() - run.pacer.t0
+                run.inflight -= 1
+                run.done += 1
+                run.errors += rec.error is not None
+                run.writer.write(rec)
+                total_ms = (rec.end - rec.sent) * 1000
+                _fire(self.environment, "completion", total_ms,
+                      StreamError(rec.error) if rec.error else None, rec.tokens)  # fmt: skip
+                self._maybe_finish(run)
+
+    def _stream(self, run: ReplayRun, req: ScheduledRequest, rec: RequestRecord, t_send: float):
+        body = {
+            "model": run.spec.model, "prompt": req.prompt, "max_tokens": req.max_tokens,
+            "stream": True, "temperature": run.spec.temperature, "user": req.session or req.id,
+        }  # fmt: skip
+        resp = self.client.request(
+            "POST", req.target + run.spec.path, json=body, stream=True, name="headers",
+            headers={"Accept": "text/event-stream", "X-Request-Id": req.id},
+        )  # fmt: skip
+        rec.status = int(getattr(resp, "status_code", 0) or 0)
+        if getattr(resp, "error", None) is not None and rec.status == 0:
+            raise StreamError(f"no response: {resp.error}")
+        if rec.status != 200:
+            raise StreamError(f"HTTP {rec.status}: {(resp.text or '')[:200]}")
+        raw = resp._response  # geventhttpclient's response: readline() returns as data arrives
+        dec = SSEDecoder()
+        while True:
+            line = raw.readline(b"\n")
+            chunk = dec.feed(line) if line else dec.flush()
+            if chunk is not None:
+                if chunk.tokens:
+                    now = time.monotonic() - t_send
+                    if not rec.token_times:
+                        _fire(self.environment, "TTFT", now * 1000)
+                    rec.token_times.extend([now] * len(chunk.tokens))
+                if chunk.extra:
+                    rec.extra.update(chunk.extra)
+                if chunk.finish_reason:
+                    rec.finish_reason = chunk.finish_reason
+                if chunk.error:
+                    raise StreamError(chunk.error)
+                if chunk.done:
+                    break
+            if not line:
+                break
+        for gap in rec.gaps:
+            _fire(self.environment, "TBT", gap * 1000)
+        if not rec.token_times:
+            raise StreamError("the stream ended without a token")
+
+    def _maybe_finish(self, run: ReplayRun) -> None:
+        if run.done >= len(run.requests) and not run.quitting:  # every request answered
+            run.quitting = True
+            runner = self.environment.runner
+            if runner is not None:
+                gevent.spawn(runner.quit)  # not from this greenlet: quit() kills the users

@@ -1,0 +1,93 @@
+"""Raw measurements: one JSON line per request, as the user's side saw it.
+
+Written by the Locust process as each request ends (so an interrupted run keeps every finished
+request), read back by :mod:`disco.loadgen.report`. Times are seconds: ``due``/``sent``/``end``
+from the run's start, ``token_times`` from this request's send.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    id: str
+    target: str
+    due: float
+    sent: float
+    prompt_tokens: int
+    max_tokens: int
+    session: str | None = None
+    status: int = 0  # HTTP status; 0 when no response came
+    error: str | None = None
+    token_times: list[float] = field(default_factory=list)
+    end: float | None = None
+    finish_reason: str | None = None
+    # the server's ``disco`` extension, last value of each key
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lag(self) -> float:
+        """How late the request went out against its schedule (pacing error)."""
+        return self.sent - self.due
+
+    @property
+    def ttft(self) -> float | None:
+        return self.token_times[0] if self.token_times else None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_times)
+
+    @property
+    def gaps(self) -> list[float]:
+        t = self.token_times
+        return [b - a for a, b in zip(t, t[1:], strict=False)]
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["token_times"] = [round(t, 6) for t in self.token_times]
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, line: str) -> RequestRecord:
+        d = json.loads(line)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class RecordWriter:
+    """Appends records and flushes each one: a crash or Ctrl-C loses at most the line in flight."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._f: TextIO = open(path, "a", encoding="utf-8")  # noqa: SIM115 (lives as long as the run)
+
+    def write(self, rec: RequestRecord) -> None:
+        self._f.write(rec.to_json() + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_records(path: str | Path) -> list[RequestRecord]:
+    """Every complete line of ``path``; a truncated last line (killed writer) is skipped."""
+    out = []
+    p = Path(path)
+    if not p.exists():
+        return out
+    for line in p.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(RequestRecord.from_json(line))
+        except (json.JSONDecodeError, TypeError):
+            continue
+    return out

@@ -1,0 +1,282 @@
+"""Shared machinery of our policies: the sliding window, online estimates, the budget guard.
+
+Every policy here has one decision function, ``_decide(lengths, hints)``, that maps prompt lengths
+to start times with the *current* state. The scalar ``plan()`` calls it on one request; the
+simulator's batch path calls it on a chunk of requests. State only changes in ``_recompute()``,
+every ``recompute_every`` observations, so both paths see the same state for the same request.
+
+The one per-request piece of state is the budget guard ([R] ours): the constrained endpoint is
+used for a request only if, even if it prefilled the whole prompt, the spent share of prompt tokens
+stays within ``b + guard_slack``. It makes ``budget_used <= b + guard_slack`` hold on any trace,
+short ones included, while the online feedback steers the long-run spend to ``b``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..profiles import DeviceProfile, ServerProfile
+from ..types import EndpointKind, MigrationRule, Plan, Regime, Request, RequestOutcome
+
+NEVER = math.nan  # start time of an endpoint that does not start
+DEFAULT_OUTPUT_TOKENS = 128.0  # output-length prior before any observation (our assumption)
+GUARD_SLACK = 0.01
+
+
+def migration_rule(regime: Regime) -> MigrationRule:
+    """paper-notes [R]: decoding moves away from the constrained endpoint after it wins."""
+    scarce = regime.constrained
+    return MigrationRule(target=scarce.other, from_kind=scarce)
+
+
+@dataclass(slots=True)
+class Observation:
+    """What a policy learns from one finished request (arrays of these feed ``observe_arrays``)."""
+
+    prompt_tokens: int
+    output_tokens: int
+    spent: float  # prompt tokens the constrained endpoint prefilled for it
+    server_ttft: float  # from the server's own start; NaN if the server never started
+    server_ttft_exact: bool  # False: the server was cancelled first (censored at server_ttft)
+
+
+class Window:
+    """Ring buffer of the last ``size`` observations, as numpy arrays."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.n = 0  # total ever added
+        self.l = np.zeros(size)
+        self.out = np.zeros(size)
+        self.spent = np.zeros(size)
+        self.ts = np.full(size, np.nan)
+        self.exact = np.zeros(size, dtype=bool)
+
+    def add(self, lengths, out, spent, ts, exact) -> None:
+        lengths = np.atleast_1d(np.asarray(lengths, dtype=float))
+        k = lengths.size
+        if k >= self.size:  # only the newest `size` matter
+            sl = slice(k - self.size, k)
+            idx = np.arange(self.size)
+        else:
+            sl = slice(0, k)
+            idx = (self.n + np.arange(k)) % self.size
+        self.l[idx] = lengths[sl]
+        self.out[idx] = np.atleast_1d(out)[sl]
+        self.spent[idx] = np.atleast_1d(spent)[sl]
+        self.ts[idx] = np.atleast_1d(ts)[sl]
+        self.exact[idx] = np.atleast_1d(exact)[sl]
+        self.n += k
+
+    def view(self) -> slice:
+        return slice(0, min(self.n, self.size))
+
+
+class KaplanMeier:
+    """Kaplan-Meier estimate of P(T > t): censored observations (a server cancelled before its
+    first token) only say T > time. Flat beyond the last observation."""
+
+    def __init__(self, times: np.ndarray, exact: np.ndarray) -> None:
+        order = np.argsort(times, kind="stable")
+        self.t = times[order]
+        at_risk = times.size - np.arange(times.size)
+        self.surv = np.cumprod(1.0 - exact[order] / at_risk)
+
+    def __call__(self, points: np.ndarray | float) -> np.ndarray:
+        p = np.asarray(points, dtype=float)
+        if self.t.size == 0:
+            return np.ones_like(p)
+        idx = np.searchsorted(self.t, p, side="right")  # observations <= point
+        return np.where(idx == 0, 1.0, self.surv[np.maximum(idx - 1, 0)])
+
+
+def km_survival(times: np.ndarray, exact: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    return KaplanMeier(times, exact)(grid)
+
+
+class OutputEstimator:
+    """Expected output tokens given the prompt length: a conditional mean over length buckets of
+    the window (paper-notes: "an online conditional mean by prompt length")."""
+
+    def __init__(self, buckets: int = 8) -> None:
+        self.buckets = buckets
+        self.edges = np.zeros(0)
+        self.means = np.array([DEFAULT_OUTPUT_TOKENS])
+
+    def fit(self, lengths: np.ndarray, outputs: np.ndarray) -> None:
+        if lengths.size < self.buckets * 4:
+            if lengths.size:
+                self.edges, self.means = np.zeros(0), np.array([float(outputs.mean())])
+            return
+        edges = np.unique(np.quantile(lengths, np.linspace(0, 1, self.buckets + 1)[1:-1]))
+        b = np.searchsorted(edges, lengths, side="right")
+        sums = np.bincount(b, outputs, minlength=edges.size + 1)
+        cnt = np.bincount(b, minlength=edges.size + 1)
+        glob = float(outputs.mean())
+        self.edges = edges
+        self.means = np.where(cnt > 0, sums / np.maximum(cnt, 1), glob)
+
+    def __call__(self, lengths: np.ndarray) -> np.ndarray:
+        return self.means[np.searchsorted(self.edges, lengths, side="right")]
+
+
+class WindowPolicy:
+    """Base of every policy: window, recompute cadence, budget guard, plan/observe plumbing.
+
+    Subclasses set ``name``/``uses_budget`` and implement ``_decide`` (and ``_recompute``).
+    """
+
+    name = ""
+    uses_budget = False
+
+    def __init__(self, config, server: ServerProfile, device: DeviceProfile) -> None:
+        self.config = config
+        self.server = server
+        self.device = device
+        self.regime: Regime = config.regime
+        self.constrained: EndpointKind = config.regime.constrained
+        self.window = Window(config.window)
+        self.outputs = OutputEstimator()
+        self.rng = np.random.default_rng(config.seed)
+        self.seen_tokens = 0.0  # prompt tokens of every observed request
+        self.spent_tokens = 0.0  # of those, prefilled by the constrained endpoint
+        self._since_recompute = 0
+        self._pending: dict[str, tuple[float, float]] = {}
+        self._rule = migration_rule(config.regime) if config.migration else None
+
+    # --- what subclasses provide --------------------------------------------------------
+    def _decide(self, lengths: np.ndarray, hints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(server_start, device_start) per request, NaN = never; current state only."""
+        raise NotImplementedError
+
+    def _recompute(self) -> None:
+        """Refresh thresholds / wait times from the window (called every recompute_every)."""
+
+    # --- shared -------------------------------------------------------------------------
+    @property
+    def budget(self) -> float:
+        return self.config.budget
+
+    def unconstrained_only(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        zero, never = np.zeros(n), np.full(n, NEVER)
+        return (never, zero) if self.constrained is EndpointKind.SERVER else (zero, never)
+
+    def race(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(n), np.zeros(n)
+
+    def constrained_start(self, ss: np.ndarray, ds: np.ndarray) -> np.ndarray:
+        return ss if self.constrained is EndpointKind.SERVER else ds
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the budget guard applies (policies that take a budget)."""
+        return self.uses_budget
+
+    def guard_allows(self, prompt_tokens: float) -> bool:
+        """Budget guard for one request (see module doc); the batch path runs the same rule."""
+        if not self.guarded or self.budget >= 1.0:
+            return True
+        cap = (self.budget + GUARD_SLACK) * (self.seen_tokens + prompt_tokens)
+        return self.spent_tokens + prompt_tokens <= cap
+
+    def expected_output_tokens(self, prompt_tokens: np.ndarray | float) -> np.ndarray:
+        return self.outputs(np.atleast_1d(np.asarray(prompt_tokens, dtype=float)))
+
+    @property
+    def migration(self) -> MigrationRule | None:
+        return self._rule
+
+    def plan(self, request: Request, now: float) -> Plan:
+        del now  # decisions depend on the request and the learned state, not on the clock
+        hint = np.nan if request.server_ttft_hint is None else request.server_ttft_hint
+        ss, ds = self._decide(np.array([float(request.prompt_tokens)]), np.array([hint]))
+        if not np.isnan(self.constrained_start(ss, ds)[0]) and not self.guard_allows(
+            request.prompt_tokens
+        ):
+            ss, ds = self.unconstrained_only(1)
+        s, d = float(ss[0]), float(ds[0])
+        self._pending[request.id] = (s, d)
+        return Plan(
+            request_id=request.id,
+            server_start=None if math.isnan(s) else s,
+            device_start=None if math.isnan(d) else d,
+            migration=self._rule,
+            policy=self.name,
+        )
+
+    def observe(self, outcome: RequestOutcome) -> None:
+        ss, _ = self._pending.pop(outcome.request_id, (NEVER, NEVER))
+        plen = outcome.prompt_tokens
+        spent = (
+            outcome.server_prompt_tokens
+            if self.constrained is EndpointKind.SERVER
+            else outcome.device_prompt_tokens
+        )
+        ts, exact = NEVER, False
+        started = outcome.server_started
+        if started is None:
+            started = outcome.server_prompt_tokens > 0
+        if not math.isnan(ss) and started and outcome.ttft is not None:
+            ts = outcome.ttft - ss  # exact if the server won, else a lower bound (censored)
+            exact = outcome.first_token_from is EndpointKind.SERVER
+        n_out = len(outcome.token_times) or (outcome.server_output_tokens + outcome.device_output_tokens)
+        self.observe_arrays(
+            np.array([plen], float), np.array([n_out], float), np.array([min(spent, plen)], float),
+            np.array([ts]), np.array([exact]),
+        )  # fmt: skip
+
+    def observe_arrays(self, lengths, out, spent, ts, exact) -> None:
+        """Feed observations in arrival order; recomputes at exactly the points the scalar path
+        would (every ``recompute_every`` observations)."""
+        k = len(lengths)
+        i = 0
+        while i < k:
+            take = min(k - i, self.config.recompute_every - self._since_recompute)
+            sl = slice(i, i + take)
+            self.window.add(lengths[sl], out[sl], spent[sl], ts[sl], exact[sl])
+            self.seen_tokens += float(np.sum(lengths[sl]))
+            self.spent_tokens += float(np.sum(spent[sl]))
+            self._since_recompute += take
+            i += take
+            if self._since_recompute == self.config.recompute_every:
+                self._since_recompute = 0
+                w = self.window.view()
+                self.outputs.fit(self.window.l[w], self.window.out[w])
+                self._recompute()
+
+
+def budget_guard_scan(
+    want: np.ndarray,
+    lengths: np.ndarray,
+    spend_if_used: np.ndarray,
+    seen0: float,
+    spent0: float,
+    budget: float,
+) -> np.ndarray:
+    """Batch twin of ``WindowPolicy.guard_allows`` over a chunk, observations applied in order.
+
+    ``spend_if_used``: what request i spends on the constrained endpoint if allowed (known to the
+    simulator from its world). Returns the allowed mask. Vectorised when the guard never binds.
+    """
+    if budget >= 1.0:
+        return want.copy()
+    cap_rate = budget + GUARD_SLACK
+    spend = np.where(want, spend_if_used, 0.0)
+    seen_before = seen0 + np.concatenate(([0.0], np.cumsum(lengths)[:-1]))
+    spent_before = spent0 + np.concatenate(([0.0], np.cumsum(spend)[:-1]))
+    ok = spent_before + lengths <= cap_rate * (seen_before + lengths)
+    if np.all(ok | ~want):
+        return want.copy()
+    allowed = want.copy()
+    seen, spent = seen0, spent0
+    for i in range(lengths.size):  # rare: the guard binds somewhere in this chunk
+        li = float(lengths[i])
+        if allowed[i] and spent + li > cap_rate * (seen + li):
+            allowed[i] = False
+        if allowed[i]:
+            spent += float(spend_if_used[i])
+        seen += li
+    return allowed

@@ -1,0 +1,177 @@
+"""DiSCo: DiSCo-S (server-constrained) and DiSCo-D (device-constrained), recomputed online.
+
+paper-notes.md [N] gives the shapes; the concrete algorithms here are OUR reconstruction [R]:
+
+- DiSCo-S: the device (free) always starts; the server also starts (a race) for prompts of length
+  >= l_th, the smallest threshold whose prompts hold at most b_eff of the window's prompt tokens.
+- DiSCo-D: the server always starts; the device starts after a wait w(l) unless the server has
+  produced its first token by then. w is a table over prompt-length buckets of the window, chosen
+  in two stages: (1) tail protection: the smallest TTFT target X such that rescuing the cheapest
+  buckets (device wait X - T_d(l_max)) leaves at most (1 - tail_quantile) of requests exposed to a
+  server TTFT above X, within the budget; (2) average optimisation: a greedy over (bucket, wait)
+  moves by mean-TTFT gain per budget token, which favours short prompts. The server TTFT
+  distribution is a Kaplan-Meier estimate over the window (a server cancelled by a device win only
+  says "slower than this"); the device TTFT is the profile's a + c*l.
+- Budget feedback: every recompute, b_eff = b + deficit / (feedback_horizon periods' worth of
+  prompt tokens), where deficit = b * seen - spent, so the spent share converges to b.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..types import EndpointKind
+from .base import POLICIES
+from .baselines import length_threshold
+from .common import NEVER, KaplanMeier, WindowPolicy
+
+LENGTH_BUCKETS = 16
+WAIT_GRID = 40
+MIN_SERVER_SAMPLES = 20
+REPRESENTATIVES = 8
+
+
+class DiSCo(WindowPolicy):
+    name = "disco"
+    uses_budget = True
+
+    def __init__(self, config, server, device) -> None:
+        super().__init__(config, server, device)
+        self.b_eff = config.budget
+        self.threshold = np.inf  # DiSCo-S: no race before data
+        self.edges = np.zeros(0)  # DiSCo-D: one bucket, never hedge before data
+        self.waits = np.array([np.inf])
+        self.tail_target: float | None = None
+
+    # --- online budget ------------------------------------------------------------------
+    def _effective_budget(self) -> float:
+        b = self.budget
+        w = self.window.view()
+        if b <= 0.0 or b >= 1.0 or self.window.n == 0:
+            return b
+        mean_l = float(self.window.l[w].mean())
+        horizon = self.config.feedback_horizon * self.config.recompute_every * mean_l
+        deficit = b * self.seen_tokens - self.spent_tokens
+        return float(np.clip(b + deficit / horizon, 0.0, 1.0))
+
+    def _recompute(self) -> None:
+        self.b_eff = self._effective_budget()
+        w = self.window.view()
+        if self.constrained is EndpointKind.SERVER:
+            self.threshold = length_threshold(self.window.l[w], self.b_eff, long_side=True)
+        else:
+            self._fit_waits(self.window.l[w], self.window.ts[w], self.window.exact[w])
+
+    def _decide(self, lengths, hints):
+        n = lengths.size
+        if self.budget >= 1.0:
+            return self.race(n)
+        if self.budget <= 0.0:
+            return self.unconstrained_only(n)
+        if self.constrained is EndpointKind.SERVER:
+            ss = np.where(lengths >= self.threshold, 0.0, NEVER)
+            return ss, np.zeros(n)
+        wait = self.waits[np.searchsorted(self.edges, lengths, side="right")]
+        return np.zeros(n), np.where(np.isfinite(wait), wait, NEVER)
+
+    # --- DiSCo-D wait table ---------------------------------------------------------------
+    def _fit_waits(self, lengths: np.ndarray, ts: np.ndarray, exact: np.ndarray) -> None:
+        have = ~np.isnan(ts)
+        tsv, exv = ts[have], exact[have]
+        if tsv.size < MIN_SERVER_SAMPLES or lengths.size < LENGTH_BUCKETS:
+            return  # keep the previous table
+        km = KaplanMeier(tsv, exv)
+        ls = np.sort(lengths)
+        n = ls.size
+        budget = self.b_eff * float(ls.sum())
+        ttft = self.device.ttft
+
+        # E[min(T_s, c)] = integral_0^c S(t) dt on a fine grid; flat KM tail beyond the data.
+        tmax = float(tsv.max())
+        tg = np.linspace(0.0, tmax, 257)
+        s_t = km(tg)
+        i_t = np.concatenate(([0.0], np.cumsum(0.5 * (s_t[1:] + s_t[:-1]) * np.diff(tg))))
+
+        def e_min(c: np.ndarray) -> np.ndarray:
+            return np.interp(c, tg, i_t) + s_t[-1] * np.maximum(c - tmax, 0.0)
+
+        never_mean = float(i_t[-1] + s_t[-1] * tmax)  # leftover mass assumed near 2 * tmax
+
+        edges = np.unique(np.quantile(ls, np.linspace(0, 1, LENGTH_BUCKETS + 1)[1:-1]))
+        bucket = np.searchsorted(edges, ls, side="right")
+        nb = edges.size + 1
+        count = np.bincount(bucket, minlength=nb).astype(float)
+        lsum = np.bincount(bucket, ls, minlength=nb)
+        starts = np.searchsorted(bucket, np.arange(nb))
+        lmax = ls[starts + count.astype(int) - 1]
+        # Each bucket's mean TTFT is averaged over REPRESENTATIVES length quantiles (speed).
+        pos = starts[:, None] + np.floor(
+            (np.arange(REPRESENTATIVES) + 0.5) / REPRESENTATIVES * count[:, None]
+        ).astype(int)
+        rep_td = np.asarray(ttft(ls[pos]), dtype=float)  # (nb, R)
+
+        def option(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """(expected spent tokens, summed mean TTFT) per bucket for per-bucket waits w."""
+            fin = np.isfinite(w)
+            wf = np.where(fin, w, 0.0)
+            cost = np.where(fin, lsum * km(wf), 0.0)
+            mean = np.where(fin, e_min(wf[:, None] + rep_td).mean(axis=1), never_mean) * count
+            return cost, mean
+
+        # Stage 1, tail protection (vectorised over candidate targets x).
+        xs = np.quantile(tsv, np.linspace(0.5, 0.999, 60))
+        s_x = km(xs)
+        allowed = (1.0 - self.config.tail_quantile) * n
+        exposed = n * s_x
+        w_x = xs[:, None] - np.asarray(ttft(lmax), dtype=float)[None, :]
+        ok = w_x >= 0
+        cost_x = lsum[None, :] * km(np.maximum(w_x, 0.0))
+        per_req = np.where(ok, cost_x / np.maximum(count, 1.0)[None, :], np.inf)
+        order = np.argsort(per_req, axis=1, kind="stable")
+        cum_cnt = np.cumsum(count[order], axis=1)
+        cum_cost = np.cumsum(np.take_along_axis(cost_x, order, axis=1), axis=1)
+        need = n - allowed / np.maximum(s_x, 1e-12)  # requests that must be rescued
+        k = (cum_cnt < need[:, None]).sum(axis=1)  # buckets chosen = k + 1
+        free = exposed <= allowed
+        reach = (k < ok.sum(axis=1)) & (cum_cost[np.arange(xs.size), np.minimum(k, nb - 1)] <= budget)
+        feasible = free | reach
+        waits = np.full(nb, np.inf)
+        self.tail_target = None
+        if feasible.any():
+            i = int(np.argmax(feasible))
+            self.tail_target = float(xs[i])
+            if not free[i]:
+                chosen = order[i, : k[i] + 1]
+                waits[chosen] = w_x[i, chosen]
+
+        # Stage 2, average optimisation: per bucket, pick the wait minimising mean + mu * cost
+        # among waits no longer than the tail stage's, with mu bisected to fit the budget.
+        grid = np.unique(np.concatenate(([0.0], np.quantile(tsv, np.linspace(0, 0.995, WAIT_GRID)))))
+        g = grid.size
+        cost = np.empty((nb, g + 1))
+        mean = np.empty((nb, g + 1))
+        for j, wv in enumerate(grid):  # g small; each call is vectorised over buckets
+            cost[:, j], mean[:, j] = option(np.full(nb, wv))
+        cost[:, g], mean[:, g] = option(waits)  # the tail-stage choice itself
+        allowed_col = np.concatenate((grid[None, :] < waits[:, None], np.ones((nb, 1), bool)), 1)
+        choice_w = np.concatenate((np.broadcast_to(grid, (nb, g)), waits[:, None]), axis=1)
+
+        def pick(mu: float) -> np.ndarray:
+            return np.argmin(np.where(allowed_col, mean + mu * cost, np.inf), axis=1)
+
+        rows = np.arange(nb)
+        sel = pick(0.0)
+        if cost[rows, sel].sum() > budget:
+            lo, hi = -12.0, 4.0  # log10 of mu, seconds per prompt token
+            sel = pick(10.0**hi)
+            for _ in range(40):
+                mid = 0.5 * (lo + hi)
+                s = pick(10.0**mid)
+                if cost[rows, s].sum() <= budget:
+                    hi, sel = mid, s
+                else:
+                    lo = mid
+        self.edges, self.waits = edges, choice_w[rows, sel]
+
+
+POLICIES.add("disco", DiSCo)

@@ -1,0 +1,258 @@
+"""One local Ray for the whole module: the Serve app over HTTP and the scheduler actor.
+
+Run from the repository root (Ray workers import ``tests.cluster.doubles`` from there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from disco.cluster.config import SchedulerConfig, ServerConfig  # noqa: E402
+from disco.cluster.planner_client import ActorPlanner  # noqa: E402
+from disco.cluster.runtime import deploy_server, free_port, server_url  # noqa: E402
+from disco.cluster.scheduler_actor import start_scheduler  # noqa: E402
+from disco.scheduler.types import EndpointKind, Request, RequestOutcome  # noqa: E402
+
+FAST_SERVER = {"profile": "gpt-4o-mini", "time_scale": 0.01}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=4, include_dashboard=False, namespace="disco-test", log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(cluster):
+    cfg = ServerConfig(engine="emulated", engine_kwargs=FAST_SERVER, num_cpus=0.1)
+    handle = deploy_server(cfg)
+    return server_url(cfg, cluster), handle
+
+
+def _sse_events(url: str, body: dict) -> tuple[list[dict], bool]:
+    chunks, done = [], False
+    with httpx.Client(timeout=30) as c, c.stream("POST", f"{url}/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            chunks.append(json.loads(line[6:]))
+    return chunks, done
+
+
+def test_serve_streams_one_chunk_per_token_in_order(server):
+    url, _ = server
+    chunks, done = _sse_events(url, {"prompt": "Hello there", "max_tokens": 12, "stream": True})
+    assert done
+    assert [c["disco"]["index"] for c in chunks] == list(range(12))
+    assert all(c["object"] == "text_completion" and len(c["choices"]) == 1 for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_prefix_resume_continues_the_same_text(server):
+    url, _ = server
+    full, _ = _sse_events(url, {"prompt": "Say it", "max_tokens": 10, "stream": True})
+    text = [c["choices"][0]["text"] for c in full]
+    resumed, done = _sse_events(
+        url,
+        {
+            "prompt": "Say it",
+            "max_tokens": 6,
+            "stream": True,
+            "prefix": "".join(text[:4]),
+            "start_index": 4,
+        },
+    )
+    assert done
+    assert [c["disco"]["index"] for c in resumed] == list(range(4, 10))
+    assert [c["choices"][0]["text"] for c in resumed] == text[4:]
+
+
+def test_official_openai_client_streams(server):
+    openai = pytest.importorskip("openai")
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    stream = client.completions.create(model="disco-server", prompt="Hi", max_tokens=5, stream=True)
+    texts = [c.choices[0].text for c in stream]
+    assert len(texts) == 5 and all(texts)
+
+
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        (b"{not json", 400),
+        (b"[1, 2]", 400),
+        (b'{"max_tokens": 5}', 400),
+        (b'{"prompt": "   "}', 400),
+        (b'{"prompt": "x", "max_tokens": 0}', 400),
+        (b'{"prompt": "x", "max_tokens": 100000000}', 400),
+        (b'{"prompt": "x", "max_tokens": "5"}', 400),
+        (b'{"prompt": "x", "model": "gpt-9"}', 404),
+        (b'{"prompt": "' + b"a" * 1_100_000 + b'"}', 413),
+    ],
+)
+def test_bad_input_is_a_4xx_json_error(server, body, status):
+    url, _ = server
+    r = httpx.post(
+        f"{url}/v1/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == status
+    assert r.json()["error"]["message"]
+
+
+def test_engine_context_limit_is_a_400_not_a_broken_stream(server):
+    url, _ = server
+    r = httpx.post(
+        f"{url}/v1/completions",
+        json={"prompt": "x", "max_tokens": 4, "stream": True, "prompt_tokens_hint": 100_000},
+        timeout=30,
+    )
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+
+
+async def test_handle_generate_streams_chunks(server):
+    _, handle = server
+    gen = handle.options(stream=True).generate.remote({"prompt": "Hi", "max_tokens": 4})
+    chunks = [c async for c in gen]
+    assert [c["disco"]["index"] for c in chunks] == [0, 1, 2, 3]
+    bad = [c async for c in handle.options(stream=True).generate.remote({"prompt": ""})]
+    assert bad[0]["status"] == 400
+
+
+def test_stream_batching_on_still_delivers_every_token(cluster):
+    cfg = ServerConfig(
+        engine="emulated",
+        engine_kwargs=FAST_SERVER,
+        num_cpus=0.1,
+        app_name="batched",
+        route_prefix="/batched",
+        stream_batching_interval_ms=20,
+    )
+    deploy_server(cfg)
+    try:
+        chunks, done = _sse_events(
+            server_url(cfg, cluster),
+            {
+                "prompt": "Hi",
+                "max_tokens": 15,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
+        assert done
+        assert [c["disco"]["index"] for c in chunks[:-1]] == list(range(15))
+        assert chunks[-1]["usage"]["completion_tokens"] == 15
+    finally:
+        serve.delete("batched")
+
+
+# ---- scheduler actor --------------------------------------------------------------------------
+
+
+def _outcome(i: int) -> RequestOutcome:
+    return RequestOutcome(
+        request_id=f"o{i}",
+        arrival=0.0,
+        prompt_tokens=100,
+        server_prompt_tokens=100,
+        device_prompt_tokens=100,
+        first_token_from=EndpointKind.SERVER,
+    )
+
+
+def _kill_and_wait_for_restart(actor) -> None:
+    """Kill the actor's process and wait until Ray has restarted it (a new pid answers)."""
+    pid = ray.get(actor.ping.remote())
+    ray.kill(actor, no_restart=False)
+    for _ in range(600):
+        try:
+            if ray.get(actor.ping.remote(), timeout=30) != pid:
+                return
+        except ray.exceptions.RayActorError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the scheduler actor did not restart")
+
+
+def _sched_cfg(name: str, **kw) -> SchedulerConfig:
+    return SchedulerConfig(
+        policy="tests.cluster.doubles:CountingPolicy", regime="device", actor_name=name, **kw
+    )
+
+
+def test_scheduler_plans_and_accounts_budget(cluster):
+    actor = start_scheduler(_sched_cfg("sched-a"))
+    try:
+        plan = ray.get(actor.plan.remote(Request("r1", 0.0, 50)))
+        assert plan.request_id == "r1" and plan.device_start == 0.0
+        plans = ray.get(actor.plan_many.remote([Request(f"r{i}", 0.0, 50) for i in range(7)]))
+        assert [p.request_id for p in plans] == [f"r{i}" for i in range(7)]
+        ray.get(actor.report_many.remote([_outcome(i) for i in range(4)]))
+        stats = ray.get(actor.stats.remote())
+        assert stats["plans"] == 8 and stats["ledger"]["requests"] == 4
+        assert stats["spent_ratio"] == pytest.approx(1.0)
+    finally:
+        ray.kill(actor, no_restart=True)
+
+
+@pytest.mark.parametrize("interval", [0.0, 0.05])
+def test_scheduler_restart_keeps_budget_state(cluster, interval):
+    actor = start_scheduler(_sched_cfg(f"sched-r{interval}", checkpoint_interval_s=interval))
+    try:
+        # 10 x 100 device prompt tokens exhaust the double's budget: it stops using the device
+        ray.get(actor.report_many.remote([_outcome(i) for i in range(10)]))
+        if interval:
+            ray.get(actor.checkpoint.remote())
+        assert ray.get(actor.plan.remote(Request("a", 0.0, 5))).device_start is None
+        _kill_and_wait_for_restart(actor)
+        stats = ray.get(actor.stats.remote(), timeout=60)
+        assert stats["restores"] == 1
+        assert stats["ledger"]["requests"] == 10 and stats["ledger"]["device_prompt_tokens"] == 1000
+        assert ray.get(actor.plan.remote(Request("b", 0.0, 5))).device_start is None
+    finally:
+        ray.kill(actor, no_restart=True)
+
+
+async def test_requests_keep_flowing_through_a_scheduler_restart(cluster):
+    actor = start_scheduler(_sched_cfg("sched-flow", checkpoint_interval_s=0.0))
+    planner = ActorPlanner(actor, timeout_s=30.0)
+    try:
+        first = await asyncio.gather(*(planner.plan(Request(f"a{i}", 0.0, 5)) for i in range(50)))
+        assert len(first) == 50
+        await asyncio.gather(*(planner.report(_outcome(i)) for i in range(3)))
+        pid = await actor.ping.remote()
+        ray.kill(actor, no_restart=False)
+        # calls made while the actor restarts are retried by Ray and answered by the new one
+        plans = await asyncio.gather(*(planner.plan(Request(f"b{i}", 0.0, 5)) for i in range(50)))
+        assert [p.request_id for p in plans] == [f"b{i}" for i in range(50)]
+        assert planner.stats.fallbacks == 0
+        for _ in range(600):  # the restart may finish after those calls were answered
+            if await actor.ping.remote() != pid:
+                break
+            await asyncio.sleep(0.05)
+        stats = await actor.stats.remote()
+        assert stats["restores"] == 1 and stats["ledger"]["requests"] == 3
+    finally:
+        ray.kill(actor, no_restart=True)

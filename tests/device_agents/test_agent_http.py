@@ -1,0 +1,183 @@
+"""The agent's OpenAI-compatible API: the official client, the bad-input matrix, the API key."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from disco.device_agents.agent import AgentConfig, DeviceAgent
+from disco.device_agents.agent_http import (
+    BackgroundServer,
+    HttpConfig,
+    create_app,
+    resolve_api_key,
+)
+from disco.device_agents.coordinator import Coordinator
+from disco.device_agents.local_planner import StaticPlanner
+from disco.scheduler.types import EndpointKind
+from fakes import Script, ScriptedEndpoint, cheap_device_profiles
+
+S, D = EndpointKind.SERVER, EndpointKind.DEVICE
+
+
+def make_agent(server_script=None, device_script=None):
+    server_script = server_script or Script(ttft=0.01)
+    device_script = device_script or Script(ttft=0.2)
+    sp, dp = cheap_device_profiles()
+    coord = Coordinator(
+        ScriptedEndpoint(S, server_script), ScriptedEndpoint(D, device_script), sp, dp
+    )
+    return DeviceAgent(coord, StaticPlanner(0.0, 0.0), AgentConfig(device_id="dev-7"))
+
+
+@pytest.fixture(scope="module")
+def served():
+    agent = make_agent()
+    srv = BackgroundServer(
+        create_app(agent, HttpConfig(max_body_bytes=4096, max_tokens_cap=64, default_max_tokens=16))
+    )
+    url = srv.start()
+    yield url, agent
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed():
+    srv = BackgroundServer(create_app(make_agent(), HttpConfig(api_key="sekret")))
+    url = srv.start()
+    yield url
+    srv.stop()
+
+
+def test_openai_client_streams_a_completion(served):
+    url, _ = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=10)
+    chunks = list(
+        client.completions.create(model="disco", prompt="Tell me", max_tokens=12, stream=True)
+    )
+    assert len(chunks) == 12
+    assert "".join(c.choices[0].text for c in chunks) == "".join(f"s{i} " for i in range(12))
+    assert [c.model_extra["disco"]["index"] for c in chunks] == list(range(12))
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_openai_client_streams_a_chat_completion(served):
+    url, _ = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=10)
+    stream = client.chat.completions.create(
+        model="disco", messages=[{"role": "user", "content": "hi"}], max_tokens=30, stream=True
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == "".join(f"s{i} " for i in range(20))  # the script stops at 20 tokens
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_non_streaming_completion_and_chat(served):
+    url, _ = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=10)
+    c = client.completions.create(model="disco", prompt="x", max_tokens=5)
+    assert c.choices[0].text == "s0 s1 s2 s3 s4 " and c.usage.completion_tokens == 5
+    chat = client.chat.completions.create(
+        model="disco", messages=[{"role": "user", "content": "y"}], max_tokens=3
+    )
+    assert chat.choices[0].message.content == "s0 s1 s2 "
+
+
+BAD = [
+    ("/v1/completions", b"{not json", 400),
+    ("/v1/completions", b"[1, 2]", 400),
+    ("/v1/completions", b'{"max_tokens": 5}', 400),
+    ("/v1/completions", b'{"prompt": "   ", "max_tokens": 5}', 400),
+    ("/v1/completions", b'{"prompt": 17}', 400),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 0}', 400),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": -3}', 400),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 100000000}', 400),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": "ten"}', 400),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": true}', 400),
+    ("/v1/completions", b'{"prompt": "hi", "model": "gpt-17"}', 404),
+    ("/v1/completions", b'{"prompt": "hi", "n": 3}', 400),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": 9}', 400),
+    ("/v1/completions", b'{"prompt": "hi", "stream": "yes"}', 400),
+    ("/v1/completions", b"", 400),
+    ("/v1/chat/completions", b'{"messages": []}', 400),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user"}]}', 400),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": " "}]}', 400),
+    ("/v1/chat/completions", b'{"prompt": "hi"}', 400),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status"), BAD)
+def test_bad_input_gets_a_4xx_json_error(served, path, body, status):
+    url, _ = served
+    r = httpx.post(
+        url + path, content=body, headers={"content-type": "application/json"}, timeout=10
+    )
+    assert r.status_code == status
+    assert r.json()["error"]["message"]
+
+
+def test_oversized_body_is_refused(served):
+    url, _ = served
+    body = b'{"prompt": "' + b"x" * 10_000 + b'"}'
+    assert httpx.post(url + "/v1/completions", content=body, timeout=10).status_code == 413
+
+    def chunks():  # no Content-Length: the cap applies while reading
+        yield body[:3000]
+        yield body[3000:]
+
+    r = httpx.post(url + "/v1/completions", content=chunks(), timeout=10)
+    assert r.status_code == 413 and r.json()["error"]
+
+
+def test_health_and_metrics(served):
+    url, _ = served
+    assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
+    httpx.post(url + "/v1/completions", json={"prompt": "m", "max_tokens": 2}, timeout=10)
+    text = httpx.get(url + "/metrics", timeout=10).text
+    assert 'disco_agent_requests_total{device_id="dev-7"}' in text
+    assert "disco_agent_ttft_seconds_bucket" in text and "disco_agent_failovers_total" in text
+    count = [ln for ln in text.splitlines() if ln.startswith("disco_agent_ttft_seconds_count")]
+    assert int(count[0].split()[-1]) >= 1
+
+
+def test_api_key_is_checked_on_every_request(keyed):
+    url = keyed
+    assert httpx.get(url + "/health", timeout=10).status_code == 401
+    bad = httpx.post(
+        url + "/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"}
+    )
+    assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error"
+    ok = httpx.get(url + "/health", headers={"Authorization": "Bearer sekret"}, timeout=10)
+    assert ok.status_code == 200
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="sekret", max_retries=0, timeout=10)
+    chunks = list(client.completions.create(model="disco", prompt="k", max_tokens=4, stream=True))
+    assert len(chunks) == 4
+    wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0, timeout=10)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.completions.create(model="disco", prompt="k", max_tokens=4)
+
+
+def test_exposed_binding_requires_a_key(monkeypatch):
+    with pytest.raises(ValueError, match="API key"):
+        HttpConfig(host="0.0.0.0")
+    HttpConfig(host="0.0.0.0", api_key="k")
+    HttpConfig(host="::1")
+    monkeypatch.setenv("DISCO_API_KEY", "from-env")
+    assert resolve_api_key(None) == "from-env" and resolve_api_key("cli") == "cli"
+
+
+def test_no_endpoint_left_gives_503_not_500():
+    agent = make_agent(Script(ttft=0.01, fail_after=0), Script(ttft=0.01, fail_after=0))
+    srv = BackgroundServer(create_app(agent))
+    url = srv.start()
+    try:
+        for stream in (False, True):
+            r = httpx.post(
+                url + "/v1/completions", json={"prompt": "x", "stream": stream}, timeout=10
+            )
+            assert r.status_code == 503 and "failed" in r.json()["error"]["message"]
+    finally:
+        srv.stop()
+    assert agent.metrics.failed == 2
