@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import multiprocessing as mp
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -34,51 +36,54 @@ RESULTS = Path(__file__).parent / "results" / "fleet.md"
 class ScheduleRecorder:
     """Wraps an EmulatedEndpoint and records each stream's planned token times.
 
-    It re-draws the engine's timeline with the engine's own (deterministic, per-request) RNG; t0 is
-    taken right before the engine's first step, where the engine takes its own start time.
+    It re-draws the engine's timeline with the engine's own (deterministic, per-request) RNG. The
+    stream's t0 is the call time: a device-only plan runs its one leg without a pump task, so the
+    coordinator takes the first step in the same event-loop step, where the engine takes its own
+    start time. It returns the engine's generator itself, adding nothing per token.
     """
 
     def __init__(self, inner, sink: dict[str, np.ndarray]) -> None:
         self.inner, self.sink = inner, sink
         self.kind, self.name = inner.kind, inner.name
 
-    async def stream(self, req):
-        it = self.inner.stream(req)
-        first = True
-        try:
-            while True:
-                if first:
-                    prefill = self.inner._validate(req)  # same arguments the engine uses
-                    ttft, gaps = self.inner._timeline(req, prefill)
-                    t0 = time.monotonic()
-                    offsets = np.concatenate(([ttft], ttft + np.cumsum(gaps)))
-                    self.sink[req.request_id] = t0 + offsets * self.inner.time_scale
-                    first = False
-                try:
-                    ev = await it.__anext__()
-                except StopAsyncIteration:
-                    return
-                yield ev
-        finally:
-            await it.aclose()
+    def stream(self, req):
+        prefill = self.inner._validate(req)  # the same arguments the engine uses
+        ttft, gaps = self.inner._timeline(req, prefill)
+        offsets = np.concatenate(([ttft], ttft + np.cumsum(gaps)))
+        self.sink[req.request_id] = time.monotonic() + offsets * self.inner.time_scale
+        return self.inner.stream(req)
 
     async def close(self) -> None:
         await self.inner.close()
 
 
 @dataclass
+class Shard:
+    """What one process measured: every token's timing error (ms) and its own counters."""
+
+    errors_ms: np.ndarray
+    peak_concurrent: int
+    failed: int
+    wall_s: float
+    cpu_s: float
+
+
+@dataclass
 class RunResult:
     streams: int
-    peak_concurrent: int
+    procs: int
+    peak_concurrent: int  # summed over processes (their arrival windows coincide)
     tokens: int
     p50_ms: float
     p99_ms: float
     max_ms: float
     failed: int
     wall_s: float
+    cpu_us_per_token: float
 
 
-async def one_run(streams: int, tokens: int, spread: float, profile: str, seed: int) -> RunResult:
+async def shard_run(streams: int, tokens: int, spread: float, profile: str, seed: int) -> Shard:
+    cpu0 = time.process_time()
     fleet = EmulatedFleet(
         FleetConfig(n_devices=streams, device_profiles=(profile,), seed=seed),
         planner=StaticPlanner(server_start=None, device_start=0.0),
@@ -120,16 +125,36 @@ async def one_run(streams: int, tokens: int, spread: float, profile: str, seed: 
         got = np.asarray(d["token_times"])
         errors.append(got - planned[: len(got)])
     await fleet.close()
-    e = np.concatenate(errors) * 1e3 if errors else np.zeros(1)
+    e = np.concatenate(errors) * 1e3 if errors else np.zeros(0)
+    return Shard(e, peak, failed, wall, time.process_time() - cpu0)
+
+
+def _shard_in_process(args: tuple) -> Shard:
+    return asyncio.run(shard_run(*args))
+
+
+def one_run(streams: int, procs: int, tokens: int, spread: float, profile: str, seed: int):
+    """``procs`` processes (as a few fleet actors would be), ``streams`` in all."""
+    sizes = [streams // procs + (i < streams % procs) for i in range(procs)]
+    jobs = [(n, tokens, spread, profile, seed * 100 + i) for i, n in enumerate(sizes)]
+    if procs == 1:
+        shards = [_shard_in_process(jobs[0])]
+    else:
+        with mp.get_context("spawn").Pool(procs) as pool:
+            shards = pool.map(_shard_in_process, jobs)
+    e = np.concatenate([s.errors_ms for s in shards])
     return RunResult(
-        streams, peak, int(e.size), float(np.percentile(e, 50)), float(np.percentile(e, 99)),
-        float(e.max()), failed, wall,
+        streams, procs, sum(s.peak_concurrent for s in shards), int(e.size),
+        float(np.percentile(e, 50)), float(np.percentile(e, 99)), float(e.max()),
+        sum(s.failed for s in shards), max(s.wall_s for s in shards),
+        sum(s.cpu_s for s in shards) / max(1, e.size) * 1e6,
     )  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", type=int, nargs="+", default=[250, 500, 1000])
+    ap.add_argument("--procs", type=int, nargs="+", default=[1])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--spread", type=float, default=1.0, help="arrival window, seconds")
     ap.add_argument("--profile", default="xiaomi14-qwen0.5b")
@@ -137,19 +162,20 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help=f"write {RESULTS}")
     args = ap.parse_args()
     rows = []
-    for n in args.streams:
-        runs = [
-            asyncio.run(one_run(n, args.tokens, args.spread, args.profile, seed))
-            for seed in range(args.runs)
-        ]
-        for r in runs:
-            print(
-                f"streams={r.streams} peak={r.peak_concurrent} tokens={r.tokens} "
-                f"p50={r.p50_ms:.2f}ms p99={r.p99_ms:.2f}ms max={r.max_ms:.1f}ms "
-                f"failed={r.failed} wall={r.wall_s:.1f}s",
-                flush=True,
-            )
-        rows.append((n, runs))
+    for procs in args.procs:
+        for n in args.streams:
+            runs = []
+            for seed in range(args.runs):
+                r = one_run(n, procs, args.tokens, args.spread, args.profile, seed)
+                print(
+                    f"streams={r.streams} procs={r.procs} peak={r.peak_concurrent} "
+                    f"tokens={r.tokens} p50={r.p50_ms:.2f}ms p99={r.p99_ms:.2f}ms "
+                    f"max={r.max_ms:.1f}ms failed={r.failed} wall={r.wall_s:.1f}s "
+                    f"cpu={r.cpu_us_per_token:.1f}us/token load={os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
+                runs.append(r)
+            rows.append((n, procs, runs))
     if args.write:
         write_table(rows, args)
 
@@ -167,14 +193,16 @@ def write_table(rows, args) -> None:
         f"spread over {args.spread} s, device-only plans, one process, one event loop.",
         f"Median of {args.runs} runs (each run: every stream of every request).",
         "",
-        "| streams | peak concurrent | tokens/run | P50 error (ms) | P99 error (ms) | max (ms) | failed |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| streams | processes | peak concurrent | tokens/run | P50 error (ms) | P99 error (ms) "
+        "| max (ms) | CPU per token (us) | failed |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for n, runs in rows:
+    for n, procs, runs in rows:
         lines.append(
-            f"| {n} | {med(r.peak_concurrent for r in runs):.0f} | {med(r.tokens for r in runs):.0f} "
-            f"| {med(r.p50_ms for r in runs):.2f} | {med(r.p99_ms for r in runs):.2f} "
-            f"| {med(r.max_ms for r in runs):.1f} | {sum(r.failed for r in runs)} |"
+            f"| {n} | {procs} | {med(r.peak_concurrent for r in runs):.0f} "
+            f"| {med(r.tokens for r in runs):.0f} | {med(r.p50_ms for r in runs):.2f} "
+            f"| {med(r.p99_ms for r in runs):.2f} | {med(r.max_ms for r in runs):.1f} "
+            f"| {med(r.cpu_us_per_token for r in runs):.1f} | {sum(r.failed for r in runs)} |"
         )
     lines += [
         "",
@@ -189,7 +217,7 @@ def write_table(rows, args) -> None:
 
 def _argv(args) -> list[str]:
     return [
-        "--streams", *map(str, args.streams), "--tokens", str(args.tokens), "--spread",
+        "--streams", *map(str, args.streams), "--procs", *map(str, args.procs), "--tokens", str(args.tokens), "--spread",
         str(args.spread), "--profile", args.profile, "--runs", str(args.runs), "--write",
     ]  # fmt: skip
 

@@ -175,9 +175,10 @@ class FleetConfig:
     profiles: list[str] = field(default_factory=lambda: ["xiaomi14-qwen0.5b"])  # cycled
     network: NetworkConfig = field(default_factory=NetworkConfig)
     time_scale: float = 1.0  # < 1 replays the device profiles faster (tests)
-    # "serve": devices stream from the Serve app over HTTP; "emulated": each fleet actor runs an
-    # in-process emulated server of scheduler.server_profile (no Serve in the path, for scale).
-    server: str = "serve"
+    # How devices reach the server: "handle" (a Serve DeploymentHandle, no HTTP proxy hop),
+    # "http" (the Serve app's OpenAI API, as an edge box would), or "emulated" (an in-process
+    # emulated server of scheduler.server_profile in each fleet actor: no Serve, for scale).
+    server: str = "handle"
     seed: int = 0
     num_cpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # e.g. {"disco_device": 0.01}
@@ -187,8 +188,10 @@ class FleetConfig:
             raise ConfigError("fleet.devices must be >= 0 and fleet.devices_per_actor >= 1")
         if self.devices and not self.profiles:
             raise ConfigError("fleet.profiles must name at least one device profile")
-        if self.server not in ("serve", "emulated"):
-            raise ConfigError(f"fleet.server must be 'serve' or 'emulated', got {self.server!r}")
+        if self.server not in ("handle", "http", "emulated"):
+            raise ConfigError(
+                f"fleet.server must be 'handle', 'http' or 'emulated', got {self.server!r}"
+            )
         if self.time_scale < 0:
             raise ConfigError("fleet.time_scale must be >= 0")
 
@@ -204,11 +207,18 @@ class AgentConfig:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     device_id: str = "agent-0"
     device_profile: str | None = None  # for migration estimates; None: scheduler.device_profile
+    server: str = "handle"  # "handle" (Serve DeploymentHandle) or "http" (the OpenAI API)
     host: str = "127.0.0.1"
     port: int = 0  # 0: a free port
     api_key: str | None = None
     num_cpus: float = 1.0
     resources: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.server not in ("handle", "http"):
+            raise ConfigError(f"agent.server must be 'handle' or 'http', got {self.server!r}")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"agent.port must be in 0..65535, got {self.port}")
 
 
 @dataclass(frozen=True)

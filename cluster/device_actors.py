@@ -21,8 +21,15 @@ from disco.scheduler.planner import Planner
 from disco.scheduler.profiles import DeviceProfile, ServerProfile, load_profile
 
 
-def server_endpoint(server_url: str, model_name: str, api_key: str | None = None) -> Endpoint:
-    """The Serve app as a server endpoint: OpenAI SSE plus prefix resume."""
+def server_endpoint(
+    server_url: str, model_name: str, api_key: str | None = None, handle: Any = None
+) -> Endpoint:
+    """The Serve app as a server endpoint: through ``handle`` when given (inside the cluster),
+    else its OpenAI SSE API at ``server_url``; prefix resume either way."""
+    if handle is not None:
+        from disco.cluster.handle_endpoint import ServeHandleEndpoint
+
+        return ServeHandleEndpoint(handle, model_name)
     kw: dict[str, Any] = {"model": model_name, "disco_extensions": True}
     if api_key:
         kw["api_key"] = api_key
@@ -72,6 +79,7 @@ class FleetActor:
         server_url: str | None,
         model_name: str,
         scheduler: Any,
+        server_handle: Any = None,
     ) -> None:
         from disco.cluster.config import from_dict
         from disco.device_agents.fleet import EmulatedFleet
@@ -94,7 +102,11 @@ class FleetActor:
             seed=cfg.seed + 100_000 * index,
             id_prefix=f"fleet{index}",
         )
-        server = server_endpoint(server_url, model_name) if server_url else None
+        server = None  # "emulated": the fleet's own in-process server
+        if cfg.server == "handle":
+            server = server_endpoint("", model_name, handle=server_handle)
+        elif cfg.server == "http":
+            server = server_endpoint(server_url or "", model_name)
         self.planner = ActorPlanner(scheduler) if scheduler is not None else None
         self.fleet = EmulatedFleet(dcfg, planner=self.planner, server=server)
 
@@ -132,20 +144,21 @@ def _placement(num_cpus: float, resources: dict[str, float]) -> dict[str, Any]:
     return opts
 
 
-def start_fleets(cfg: TestbedConfig, server_url: str | None, scheduler: Any) -> list[Any]:
+def start_fleets(
+    cfg: TestbedConfig, server_url: str, scheduler: Any, server_handle: Any = None
+) -> list[Any]:
     """One FleetActor per ``devices_per_actor`` devices; returns their handles once ready."""
     f = cfg.fleet
     if f.devices == 0:
         return []
-    url = server_url if f.server == "serve" else None
     cls = ray.remote(FleetActor).options(**_placement(f.num_cpus, f.resources))
     handles, left, i = [], f.devices, 0
     while left > 0:
         n = min(left, f.devices_per_actor)
         handles.append(
             cls.remote(
-                to_dict(f), i, n, cfg.scheduler.server_profile, url, cfg.server.model_name,
-                scheduler,
+                to_dict(f), i, n, cfg.scheduler.server_profile, server_url, cfg.server.model_name,
+                scheduler, server_handle,
             )
         )  # fmt: skip
         left -= n
@@ -168,10 +181,12 @@ class DeviceAgentActor:
         server_profile: str,
         device_profile: str,
         scheduler: Any,
+        server_handle: Any = None,
     ) -> None:
         from disco.cluster.config import from_dict
 
         self.cfg = from_dict(AgentConfig, agent, "agent")
+        handle = server_handle if self.cfg.server == "handle" else None
         kwargs = dict(self.cfg.engine_kwargs)
         if self.cfg.engine == "llamacpp":
             kwargs.setdefault("model", self.cfg.model)
@@ -179,7 +194,7 @@ class DeviceAgentActor:
         sp, dp = profiles(server_profile, self.cfg.device_profile or device_profile)
         self.planner = ActorPlanner(scheduler)
         self.agent = build_agent(
-            server=server_endpoint(server_url, model_name),
+            server=server_endpoint(server_url, model_name, handle=handle),
             device=device,
             planner=self.planner,
             server_profile=sp,
@@ -246,14 +261,16 @@ class DeviceAgentActor:
         await self.agent.drain()
 
 
-def start_agent(cfg: TestbedConfig, server_url: str, scheduler: Any) -> tuple[Any, str]:
+def start_agent(
+    cfg: TestbedConfig, server_url: str, scheduler: Any, server_handle: Any = None
+) -> tuple[Any, str]:
     a = cfg.agent
     cls = ray.remote(DeviceAgentActor).options(
         **_placement(a.num_cpus, a.resources), max_concurrency=1000
     )
     handle = cls.remote(
         to_dict(a), server_url, cfg.server.model_name, cfg.scheduler.server_profile,
-        cfg.scheduler.device_profile, scheduler,
+        cfg.scheduler.device_profile, scheduler, server_handle,
     )  # fmt: skip
     return handle, ray.get(handle.start.remote())
 

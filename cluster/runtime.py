@@ -115,10 +115,12 @@ class Testbed:
         from disco.cluster import device_actors
 
         cfg = self.config
-        self.fleets = device_actors.start_fleets(cfg, self.server_url, self.scheduler)
+        self.fleets = device_actors.start_fleets(
+            cfg, self.server_url, self.scheduler, self.server_handle
+        )
         if cfg.agent.enabled:
             self.agent, self.agent_url = device_actors.start_agent(
-                cfg, self.server_url, self.scheduler
+                cfg, self.server_url, self.scheduler, self.server_handle
             )
 
     def planner(self, **kwargs: Any) -> Any:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import ray
+from disco.cluster import wire
 from disco.cluster.config import SchedulerConfig, from_dict, to_dict
 from disco.cluster.resolve import build_policy
 from disco.cluster.scheduler_state import SchedulerCore, make_store
@@ -67,6 +68,12 @@ class SchedulerActor:
 
     async def plan_many(self, requests: Sequence[Request]) -> list[Plan]:
         return self.core.plan_many(requests, time.monotonic())
+
+    async def plan_wire(self, requests: Sequence[tuple]) -> list[tuple]:
+        """``plan_many`` on plain tuples (see :mod:`disco.cluster.wire`): pickling dataclasses
+        costs more than the decision itself, so the planner client uses this."""
+        plans = self.core.plan_many([wire.request_from(r) for r in requests], time.monotonic())
+        return [wire.plan_to(p) for p in plans]
 
     async def report(self, outcome: RequestOutcome) -> None:
         await self.report_many((outcome,))

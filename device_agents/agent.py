@@ -91,8 +91,7 @@ class DeviceAgent:
     def _done(self, ex: Execution) -> None:
         o = ex.outcome
         assert o is not None
-        cancelled = bool(o.error) and o.error.startswith("cancelled")
-        self.metrics.observe(o, ex.failovers, cancelled)
+        self.metrics.observe(o, ex.failovers, ex.cancelled)
         if self.results is not None:
             self.results.write(
                 o, device_id=self.config.device_id, policy=ex.plan.policy, failovers=ex.failovers

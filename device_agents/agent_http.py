@@ -24,6 +24,7 @@ from typing import Any
 from disco.scheduler.endpoint import GenerationRequest, InvalidRequestError
 from disco.scheduler.types import TokenEvent
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -211,10 +212,18 @@ def create_app(agent: DeviceAgent, config: HttpConfig | None = None) -> Starlett
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
     if cfg.api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=cfg.api_key)
     return app
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 in the same JSON shape as every other error."""
+    status = getattr(exc, "status_code", 400)
+    return ApiError(
+        status, str(getattr(exc, "detail", "") or exc), "invalid_request_error"
+    ).response()
 
 
 class _ApiKeyMiddleware:

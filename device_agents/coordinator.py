@@ -49,6 +49,10 @@ class StreamFailedError(EndpointFailedError):
 class CoordinatorConfig:
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     failover: bool = True  # hand over to the other endpoint when the active one fails
+    # A stream that goes silent is a failed stream (a hung replica never raises): no first token
+    # within first_token_timeout_s, or no next token within stall_timeout_s. None: wait forever.
+    first_token_timeout_s: float | None = 60.0
+    stall_timeout_s: float | None = 10.0
     # [R] prior for the expected response length (tokens) until outcomes have been observed.
     prior_output_tokens: float = 128.0
     length_ewma_alpha: float = 0.05
@@ -76,6 +80,7 @@ class _Leg:
     task: asyncio.Task | None = None
     produced: int = 0
     first_at: float | None = None
+    last_at: float | None = None  # time of the latest token (stall detection)
     it: Any = None  # the stream iterator, when driven directly (no pump task)
     spec: list[TokenEvent] = field(default_factory=list)  # source tokens held during a migration
     live: bool = True
@@ -87,6 +92,22 @@ class _Msg:
     leg: _Leg
     event: TokenEvent | None = None  # None with error None: the stream ended
     error: BaseException | None = None
+
+
+def _stalled(leg: _Leg, limit: float | None) -> EndpointFailedError:
+    what = "first token" if leg.produced == 0 else "next token"
+    return EndpointFailedError(f"{leg.kind.value} stream stalled: no {what} within {limit} s")
+
+
+# asyncio.timeout (3.11+) arms one timer and no extra task; wait_for is the 3.10 fallback.
+_TIMEOUT = getattr(asyncio, "timeout", None)
+
+
+async def _with_timeout(aw, seconds: float):
+    if _TIMEOUT is None:
+        return await asyncio.wait_for(aw, seconds)
+    async with _TIMEOUT(seconds):
+        return await aw
 
 
 class Coordinator:
@@ -148,6 +169,11 @@ class Execution:
         return self._run.failovers
 
     @property
+    def cancelled(self) -> bool:
+        """The consumer stopped iterating before the end (e.g. the HTTP client went away)."""
+        return self._run.cancelled
+
+    @property
     def request_id(self) -> str:
         return self._run.request.id
 
@@ -155,8 +181,8 @@ class Execution:
     def plan(self) -> Plan:
         return self._run.plan
 
-    def __aiter__(self) -> Execution:
-        return self
+    def __aiter__(self):
+        return self._gen  # iterate the generator itself: no wrapper call per token
 
     async def __anext__(self) -> TokenEvent:
         return await self._gen.__anext__()
@@ -208,6 +234,7 @@ class _Run:
         self.outcome: RequestOutcome | None = None
         self.finished_cb: Callable[[], None] | None = None
         self.direct: _Leg | None = None  # the sole live leg, iterated without a pump task
+        self.cancelled = False  # the consumer stopped before the end
 
     # --- the driver -----------------------------------------------------------------------------
     async def events(self):
@@ -222,8 +249,28 @@ class _Run:
                     self._start_due()
                     if self.done:
                         break
-                if self.direct is not None and self.direct.live:
-                    await self._step(self.direct)
+                leg = self.direct
+                if leg is not None and leg.live:
+                    # Inlined hot path (one iteration per token): the sole leg, no pump task.
+                    limit = self._limit(leg)
+                    try:
+                        if limit is None:
+                            ev = await leg.it.__anext__()
+                        elif _TIMEOUT is not None:  # inlined: this runs once per token
+                            async with _TIMEOUT(limit):
+                                ev = await leg.it.__anext__()
+                        else:
+                            ev = await asyncio.wait_for(leg.it.__anext__(), limit)
+                    except StopAsyncIteration:
+                        self._on_end(leg)
+                    except asyncio.CancelledError:
+                        raise
+                    except asyncio.TimeoutError:
+                        self._on_failure(leg, _stalled(leg, limit))
+                    except Exception as e:  # any engine or transport error: this endpoint failed
+                        self._on_failure(leg, e)
+                    else:
+                        self._on_token(leg, ev)
                 else:
                     if not any(leg.live for leg in self.legs) and not self.pending:
                         self._fail("no endpoint left to run the request")
@@ -237,22 +284,42 @@ class _Run:
                 yield self.out.pop(0)
             cancelled = False
         finally:
-            await self._stop_all()
+            # Synchronous first: under an anyio cancel scope (Starlette on client disconnect)
+            # every await in here is cancelled again, and the outcome must not depend on one.
+            tasks = self._stop_legs()
             self._finalize(cancelled)
+            await self._reap(tasks)
         if self.fatal is not None:
             raise self.fatal
 
     async def _next_msg(self) -> _Msg | None:
-        if not self.pending:
+        # Wake up for the next hedge start or stall deadline even if no endpoint speaks.
+        deadlines = list(self.pending.values())
+        for leg in self.legs:
+            limit = self._limit(leg) if leg.live else None
+            if limit is not None:
+                deadlines.append((leg.last_at or leg.started_at) + limit)
+        if not deadlines:
             return await self.q.get()
-        # Wake up for the next hedge start even if no endpoint speaks before it.
-        delay = min(self.pending.values()) - self.clock()
-        if delay <= 0:
-            return None
+        delay = min(deadlines) - self.clock()
         try:
-            return await asyncio.wait_for(self.q.get(), delay)
+            if delay > 0:
+                return await _with_timeout(self.q.get(), delay)
         except asyncio.TimeoutError:
-            return None
+            pass
+        self._check_stalls()
+        return None
+
+    def _limit(self, leg: _Leg) -> float | None:
+        cfg = self.c.config
+        return cfg.first_token_timeout_s if leg.produced == 0 else cfg.stall_timeout_s
+
+    def _check_stalls(self) -> None:
+        now = self.clock()
+        for leg in list(self.legs):
+            limit = self._limit(leg) if leg.live else None
+            if limit is not None and now - (leg.last_at or leg.started_at) >= limit:
+                self._on_failure(leg, _stalled(leg, limit))
 
     def _start_due(self) -> None:
         now = self.clock()
@@ -279,8 +346,11 @@ class _Run:
             request_id=self.request.id,
         )
         if ep is not None and self._can_go_direct(kind):
-            leg.it = ep.stream(req)
-            self.direct = leg
+            try:
+                leg.it = ep.stream(req)
+                self.direct = leg
+            except Exception as e:  # an endpoint may validate before returning its iterator
+                self.q.put_nowait(_Msg(leg, error=e))
         else:
             leg.task = asyncio.get_running_loop().create_task(self._pump(leg, ep, req))
         return leg
@@ -295,25 +365,13 @@ class _Run:
         may_migrate = rule is not None and rule.from_kind is kind and self.failovers == 0
         return not may_migrate
 
-    async def _step(self, leg: _Leg) -> None:
-        assert leg.it is not None
-        try:
-            ev = await leg.it.__anext__()
-        except StopAsyncIteration:
-            self._on_end(leg)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # any engine or transport error is a failure of this endpoint
-            self._on_failure(leg, e)
-        else:
-            self._on_token(leg, ev)
-
     async def _pump(self, leg: _Leg, ep: Endpoint | None, req: GenerationRequest) -> None:
         if ep is None:
             self.q.put_nowait(_Msg(leg, error=EndpointFailedError(f"no {leg.kind.value} endpoint")))
             return
-        it = ep.stream(req)
+        it = None
         try:
+            it = ep.stream(req)
             async for ev in it:
                 self.q.put_nowait(_Msg(leg, ev))
             self.q.put_nowait(_Msg(leg))
@@ -347,8 +405,9 @@ class _Run:
             )
             return
         leg.produced += 1
+        leg.last_at = self.clock()
         if leg.first_at is None:
-            leg.first_at = self.clock()
+            leg.first_at = leg.last_at
         if self.winner is None:
             self._on_first_token(leg)
         if leg is self.target:
@@ -516,10 +575,14 @@ class _Run:
         self.fatal = StreamFailedError(f"{why}" + (f" ({detail})" if detail else ""), causes)
         self.done = True
 
-    async def _stop_all(self) -> None:
+    def _stop_legs(self) -> list[asyncio.Task]:
         tasks = [leg.task for leg in self.legs if leg.task is not None and not leg.task.done()]
         for leg in self.legs:
             self._cancel(leg)
+        return tasks
+
+    async def _reap(self, tasks: list[asyncio.Task]) -> None:
+        """Wait for cancelled pumps and close directly driven streams (best effort)."""
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         for leg in self.legs:
@@ -539,6 +602,8 @@ class _Run:
             token_sources=list(self.sources),
             first_token_from=self.winner,
             migrated_at=self.migrated_at,
+            server_started=self._started_fresh(EndpointKind.SERVER),
+            device_started=self._started_fresh(EndpointKind.DEVICE),
         )
         now = self.clock()
         for leg in self.legs:
@@ -558,12 +623,17 @@ class _Run:
         if self.fatal is not None:
             o.error = str(self.fatal)
         elif cancelled:
+            self.cancelled = True
             o.error = "cancelled before the end of the stream"
         elif self.finish_reason == "stop":
             self.c.lengths.observe(len(self.texts))
         self.outcome = o
         if self.finished_cb is not None:
             self.finished_cb()
+
+    def _started_fresh(self, kind: EndpointKind) -> bool:
+        """Whether ``kind`` started on the original prompt (not as a resume after tokens)."""
+        return any(leg.kind is kind and leg.start_index == 0 for leg in self.legs)
 
     def _prompt_work(self, leg: _Leg, now: float) -> int:
         """Prompt tokens charged to a leg. A server request is billed in full once sent; a

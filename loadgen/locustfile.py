@@ -54,14 +54,17 @@ class ReplayRun:
             raise RuntimeError(f"{SPEC_ENV} is not set: run this locustfile through `disco load`")
         spec = LoadSpec.read(path)
         reqs = read_schedule(spec.schedule)
-        pacer = Pacer([r.due for r in reqs], late_s=spec.late_s, warn=log.warning, spin_s=spec.spin_s)
+        pacer = Pacer(
+            [r.due for r in reqs], late_s=spec.late_s, warn=log.warning, spin_s=spec.spin_s
+        )
         return cls(spec, reqs, pacer, RecordWriter(spec.records))
 
     def progress(self) -> dict:
         s = self.pacer.stats()
         return {
             "total": s.total, "sent": s.sent, "done": self.done, "errors": self.errors,
-            "inflight": self.inflight, "late": s.late, "max_lag_s": round(s.max_lag_s, 4),
+            "inflight": self.inflight, "late": s.late, "late_no_user": s.late_no_user,
+            "max_lag_s": round(s.max_lag_s, 4),
             "elapsed_s": round(max(0.0, time.monotonic() - self.pacer.t0), 2) if self.pacer.started else 0.0,
         }  # fmt: skip
 
@@ -141,6 +144,7 @@ class StreamingUser(FastHttpUser):
     def replay(self) -> None:
         run: ReplayRun = self.environment.disco_run  # type: ignore[attr-defined]
         slot = None if run.quitting else run.pacer.claim()
+        claimed_at = time.monotonic()
         if slot is None:
             self._maybe_finish(run)
             gevent.sleep(0.2)
@@ -150,7 +154,7 @@ class StreamingUser(FastHttpUser):
         if run.quitting:
             return
         sent_at = time.monotonic()
-        run.pacer.sent(slot, sent_at)
+        run.pacer.sent(slot, sent_at, claimed_at)
         rec = RequestRecord(
             id=req.id, target=req.target, due=req.due, sent=sent_at - run.pacer.t0,
             prompt_tokens=req.prompt_tokens, max_tokens=req.max_tokens, session=req.session,
@@ -181,9 +185,11 @@ class StreamingUser(FastHttpUser):
 
     def _stream(self, run: ReplayRun, req: ScheduledRequest, rec: RequestRecord, t_send: float):
         body = {
-            "model": run.spec.model, "prompt": req.prompt, "max_tokens": req.max_tokens,
-            "stream": True, "temperature": run.spec.temperature, "user": req.session or req.id,
+            "prompt": req.prompt, "max_tokens": req.max_tokens, "stream": True,
+            "temperature": run.spec.temperature, "user": req.session or req.id,
         }  # fmt: skip
+        if run.spec.model:
+            body["model"] = run.spec.model
         resp = self.client.request(
             "POST", req.target + run.spec.path, json=body, stream=True, name="headers",
             headers={"Accept": "text/event-stream", "X-Request-Id": req.id},
@@ -204,6 +210,9 @@ class StreamingUser(FastHttpUser):
                     if not rec.token_times:
                         _fire(self.environment, "TTFT", now * 1000)
                     rec.token_times.extend([now] * len(chunk.tokens))
+                    src = chunk.extra.get("source")  # the testbed's extension: who made it
+                    if src is not None:
+                        rec.token_sources.extend([str(src)] * len(chunk.tokens))
                 if chunk.extra:
                     rec.extra.update(chunk.extra)
                 if chunk.finish_reason:

@@ -4,7 +4,8 @@ Each user claims the next unclaimed slot, sleeps until the slot is due, sends, a
 claims another. A slow response therefore holds one user, never the schedule: the next slot is
 sent on time by another user (no coordinated omission). If every user is busy when a slot falls
 due, that slot goes out late; the pacer measures the lateness and reports that the users are
-falling behind (the cure is more users).
+falling behind (the cure is more users), or, if the slot was claimed in time, that the machine
+woke the user late (a busy CPU).
 
 Pure Python, no gevent: the clock and the sleep are injected, so it runs under Locust's greenlets,
 under threads in the tests, and with a fake clock.
@@ -31,6 +32,7 @@ class PacerStats:
     sent: int
     late: int  # sends later than ``late_s`` after their due time
     max_lag_s: float
+    late_no_user: int = 0  # of those, claimed only after they were due: every user was busy
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Pacer:
     _next: int = field(default=0, init=False)
     _sent: int = field(default=0, init=False)
     _late: int = field(default=0, init=False)
+    _late_no_user: int = field(default=0, init=False)
     _max_lag: float = field(default=0.0, init=False)
     _last_warn: float = field(default=-1e18, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
@@ -92,8 +95,13 @@ class Pacer:
                 return self.clock()
             sleep(left - self.spin_s if left > self.spin_s else 0.0)
 
-    def sent(self, slot: Slot, at: float) -> float:
-        """Record that ``slot`` went out at ``at`` (absolute clock); returns its lag in seconds."""
+    def sent(self, slot: Slot, at: float, claimed_at: float | None = None) -> float:
+        """Record that ``slot`` went out at ``at`` (absolute clock); returns its lag in seconds.
+
+        ``claimed_at`` tells the two causes of lateness apart: a slot claimed after it was due
+        waited for a free user (add users); one claimed in time but sent late woke up late (the
+        machine is busy).
+        """
         lag = at - (self.t0 + slot.due)
         message = None
         with self._lock:
@@ -101,11 +109,14 @@ class Pacer:
             self._max_lag = max(self._max_lag, lag)
             if lag > self.late_s:
                 self._late += 1
+                no_user = claimed_at is not None and claimed_at > self.t0 + slot.due + self.late_s
+                self._late_no_user += no_user
                 if at - self._last_warn >= self.warn_every_s:
                     self._last_warn = at
+                    cause = "every user was busy: add users" if no_user else "the CPU is busy"
                     message = (
-                        f"users are falling behind the schedule: request {slot.index} went out "
-                        f"{lag * 1000:.0f} ms late ({self._late} late so far); add users"
+                        f"falling behind the schedule: request {slot.index} went out "
+                        f"{lag * 1000:.0f} ms late ({self._late} late so far; {cause})"
                     )
         if message and self.warn:
             self.warn(message)
@@ -117,4 +128,7 @@ class Pacer:
 
     def stats(self) -> PacerStats:
         with self._lock:
-            return PacerStats(len(self.offsets), self._next, self._sent, self._late, self._max_lag)
+            return PacerStats(
+                len(self.offsets), self._next, self._sent, self._late, self._max_lag,
+                self._late_no_user,
+            )  # fmt: skip

@@ -27,6 +27,8 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)
     end: float | None = None
     finish_reason: str | None = None
+    # Per token, which endpoint produced it ("device"/"server"), where the server says so.
+    token_sources: list[str] = field(default_factory=list)
     # the server's ``disco`` extension, last value of each key
     extra: dict[str, Any] = field(default_factory=dict)
 

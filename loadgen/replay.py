@@ -30,9 +30,10 @@ class ReplayOptions:
     label: str = "run"
     max_tokens: int | None = 256  # cap on the trace's output length
     max_prompt_tokens: int | None = None  # cap on the trace's prompt length (device context)
+    prompt_scale: float = 1.0  # multiplies the trace's prompt lengths (before the cap)
     users: int | None = None  # None: enough for the schedule's peak concurrency
     routing: str = "round-robin"
-    model: str = "default"
+    model: str | None = None
     request_timeout_s: float = 120.0
     seed: int = 0
     html: bool = True
@@ -85,6 +86,7 @@ def prepare(
     return build_schedule(
         arrivals, targets, builder, max_tokens_cap=opts.max_tokens,
         max_prompt_tokens=opts.max_prompt_tokens, routing=opts.routing,
+        prompt_scale=opts.prompt_scale,
     )  # fmt: skip
 
 

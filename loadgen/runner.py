@@ -141,5 +141,6 @@ def format_progress(p: dict) -> str:
         f"  done {p.get('done', 0)}  in flight {p.get('inflight', 0)}  errors {p.get('errors', 0)}"
     )
     if p.get("late"):
-        line += f"  late {p['late']} (max {p.get('max_lag_s', 0) * 1000:.0f} ms: add --users)"
+        cause = "no free user: add --users" if p.get("late_no_user") else "busy CPU"
+        line += f"  late {p['late']} (max {p.get('max_lag_s', 0) * 1000:.0f} ms, {cause})"
     return line

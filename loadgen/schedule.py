@@ -57,20 +57,23 @@ def build_schedule(
     max_tokens_cap: int | None = None,
     max_prompt_tokens: int | None = None,
     routing: str = "round-robin",
+    prompt_scale: float = 1.0,
 ) -> list[ScheduledRequest]:
     """One :class:`ScheduledRequest` per arrival. ``max_tokens`` is the trace's output length,
-    capped by ``max_tokens_cap``; prompts longer than ``max_prompt_tokens`` are shortened to it
-    (a small device model's context window is the usual reason)."""
+    capped by ``max_tokens_cap``. Prompt lengths are multiplied by ``prompt_scale`` (small CPU
+    models cannot prefill a 4,000-token trace prompt in useful time; scaling keeps the shape of
+    the length distribution, which length-aware policies depend on, where a cap would pile every
+    long prompt onto one value), then capped at ``max_prompt_tokens``."""
+    if prompt_scale <= 0:
+        raise ValueError(f"prompt_scale must be > 0, got {prompt_scale}")
     if not targets:
         raise ValueError("no target URL")
     route: Router = ROUTERS.get(routing)
     out = []
     for i, a in enumerate(arrivals):
-        want = (
-            a.prompt_tokens
-            if max_prompt_tokens is None
-            else min(a.prompt_tokens, max_prompt_tokens)
-        )
+        want = max(1, round(a.prompt_tokens * prompt_scale))
+        if max_prompt_tokens is not None:
+            want = min(want, max_prompt_tokens)
         p = prompts.build(max(1, want))
         mt = a.output_tokens if max_tokens_cap is None else min(a.output_tokens, max_tokens_cap)
         out.append(

@@ -15,7 +15,7 @@ class LoadSpec:
     schedule: str  # JSONL of ScheduledRequest
     records: str  # JSONL of RequestRecord, appended per request
     progress: str  # JSON rewritten about once a second while running
-    model: str = "default"
+    model: str | None = None  # the request's `model` field; None: omitted (the server's default)
     path: str = "/v1/completions"
     request_timeout_s: float = 120.0
     late_s: float = 0.05  # pacing lag above which users are falling behind

@@ -34,11 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(synthetic: the arrival rate, required)")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=256, help="cap on the trace's output length")
     p.add_argument("--max-prompt-tokens", type=int, help="cap on the trace's prompt length")
+    p.add_argument("--prompt-scale", type=float, default=1.0,
+                   help="multiply the trace's prompt lengths (before the cap), e.g. 0.125")  # fmt: skip
     p.add_argument("--users", type=int, help="Locust users (default: enough for peak concurrency)")
     p.add_argument("--routing", choices=("round-robin", "session"), default="round-robin")
     p.add_argument("--tokenizer", default="auto",
                    help="prompt sizing: auto (SmolLM2 vocabulary if installed), estimate, or a .gguf")  # fmt: skip
-    p.add_argument("--model", default="default", help="the `model` field sent in each request")
+    p.add_argument("--model", help="the `model` field of each request (default: omitted)")
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default="run", help="name of this run in the plots and summary")
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from disco.loadgen.report import table
 
-    for name in ("speedup", "duration", "request_timeout"):
+    for name in ("speedup", "duration", "request_timeout", "prompt_scale"):
         if getattr(args, name) <= 0:
             raise CliError(f"--{name.replace('_', '-')} must be > 0")
     for name in ("max_tokens", "max_prompt_tokens", "users"):
@@ -78,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     counter = _counter(args.tokenizer)
     opts = ReplayOptions(
         label=args.label, max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+        prompt_scale=args.prompt_scale,
         users=args.users, routing=args.routing, model=args.model,
         request_timeout_s=args.request_timeout, seed=args.seed,
     )  # fmt: skip

@@ -107,7 +107,8 @@ class LlamaCppEndpoint:
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llamacpp")
         self._closed = False
         self.tokens_generated = 0  # decode steps completed (tests check cancel with it)
-        self.active_streams = 0  # running or queued
+        self._jobs_lock = threading.Lock()
+        self._jobs = 0  # generation jobs queued or running on the worker
 
     # --- tokenization -----------------------------------------------------------------------
     def count_tokens(self, text: str) -> int:
@@ -143,8 +144,10 @@ class LlamaCppEndpoint:
                 stop.set()
                 return False
 
+        with self._jobs_lock:
+            self._jobs += 1
         job = self._worker.submit(self._generate, ids, budget, req, emit, stop)
-        self.active_streams += 1
+        job.add_done_callback(self._job_done)  # counts the worker's work, not the consumer's
         try:
             while True:
                 item = await queue.get()
@@ -155,11 +158,19 @@ class LlamaCppEndpoint:
                 yield item
         finally:
             stop.set()
-            try:
-                if not job.cancel():  # already running: wait for the step in progress to end
-                    await asyncio.shield(asyncio.wrap_future(job))
-            finally:
-                self.active_streams -= 1
+            # Still queued: drop it. Running: wait for the step in progress to end (a caller that
+            # cancels again, as anyio cancel scopes do, stops waiting; the worker stops anyway).
+            if not job.cancel():
+                await asyncio.shield(asyncio.wrap_future(job))
+
+    def _job_done(self, _: concurrent.futures.Future) -> None:
+        with self._jobs_lock:
+            self._jobs -= 1
+
+    @property
+    def active_streams(self) -> int:
+        """Streams whose generation is queued or still running on the worker thread."""
+        return self._jobs
 
     def _generate(
         self,

@@ -26,6 +26,9 @@ class PolicyConfig:
     # [R] DiSCo-D protects this TTFT quantile first ("tail protection"), then spends the rest of
     # the budget on the mean.
     tail_quantile: float = 0.99
+    # [R] DiSCo-D rescues its tail buckets at (1 - tail_robust) x the estimated target where the
+    # budget allows, so that window noise does not push the realised tail over it.
+    tail_robust: float = 0.2
     # [R] budget feedback: repay the spent-vs-b deficit over this many recompute periods.
     feedback_horizon: float = 4.0
 

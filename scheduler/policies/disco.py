@@ -25,10 +25,12 @@ from .base import POLICIES
 from .baselines import length_threshold
 from .common import NEVER, KaplanMeier, WindowPolicy
 
-LENGTH_BUCKETS = 16
+import os
+LENGTH_BUCKETS = int(os.environ.get('NB', '16'))
 WAIT_GRID = 40
 MIN_SERVER_SAMPLES = 20
 REPRESENTATIVES = 8
+TAIL_TIE = float(os.environ.get('TT','0.005'))  # predicted tails this close count as equal
 
 
 class DiSCo(WindowPolicy):
@@ -81,13 +83,18 @@ class DiSCo(WindowPolicy):
         if tsv.size < MIN_SERVER_SAMPLES or lengths.size < LENGTH_BUCKETS:
             return  # keep the previous table
         km = KaplanMeier(tsv, exv)
+        t_sorted = km.t
+
+        def quant(p: np.ndarray) -> np.ndarray:  # np.quantile on sorted data, without re-sorting
+            return np.interp(p * (t_sorted.size - 1), np.arange(t_sorted.size), t_sorted)
+
         ls = np.sort(lengths)
         n = ls.size
         budget = self.b_eff * float(ls.sum())
         ttft = self.device.ttft
 
         # E[min(T_s, c)] = integral_0^c S(t) dt on a fine grid; flat KM tail beyond the data.
-        tmax = float(tsv.max())
+        tmax = float(t_sorted[-1])
         tg = np.linspace(0.0, tmax, 257)
         s_t = km(tg)
         i_t = np.concatenate(([0.0], np.cumsum(0.5 * (s_t[1:] + s_t[:-1]) * np.diff(tg))))
@@ -97,7 +104,8 @@ class DiSCo(WindowPolicy):
 
         never_mean = float(i_t[-1] + s_t[-1] * tmax)  # leftover mass assumed near 2 * tmax
 
-        edges = np.unique(np.quantile(ls, np.linspace(0, 1, LENGTH_BUCKETS + 1)[1:-1]))
+        qpos = np.linspace(0, 1, LENGTH_BUCKETS + 1)[1:-1] * (n - 1)
+        edges = np.unique(np.interp(qpos, np.arange(n), ls))
         bucket = np.searchsorted(edges, ls, side="right")
         nb = edges.size + 1
         count = np.bincount(bucket, minlength=nb).astype(float)
@@ -119,11 +127,12 @@ class DiSCo(WindowPolicy):
             return cost, mean
 
         # Stage 1, tail protection (vectorised over candidate targets x).
-        xs = np.quantile(tsv, np.linspace(0.5, 0.999, 60))
+        xs = quant(np.linspace(0.5, 0.999, 60))
         s_x = km(xs)
         allowed = (1.0 - self.config.tail_quantile) * n
         exposed = n * s_x
-        w_x = xs[:, None] - np.asarray(ttft(lmax), dtype=float)[None, :]
+        lmax_td = np.asarray(ttft(lmax), dtype=float)
+        w_x = xs[:, None] - lmax_td[None, :]
         ok = w_x >= 0
         cost_x = lsum[None, :] * km(np.maximum(w_x, 0.0))
         per_req = np.where(ok, cost_x / np.maximum(count, 1.0)[None, :], np.inf)
@@ -141,37 +150,89 @@ class DiSCo(WindowPolicy):
             i = int(np.argmax(feasible))
             self.tail_target = float(xs[i])
             if not free[i]:
-                chosen = order[i, : k[i] + 1]
+                # Protect beyond the minimum: every bucket rescuable at x, cheapest first, while
+                # the budget lasts, so that window noise does not push the realised tail over x.
+                m = min(int(ok[i].sum()), int(np.searchsorted(cum_cost[i], budget, side="right")))
+                chosen = order[i, : max(m, k[i] + 1)]
                 waits[chosen] = w_x[i, chosen]
+                # Robustness: the window's x is an estimate; where the budget allows, rescue the
+                # same buckets at a lower level x * (1 - tail_robust) (shorter waits).
+                lo = xs[i] * (1.0 - self.config.tail_robust) - lmax_td
+                cand = order[i, : int(ok[i].sum())]
+                robust = np.maximum(lo[cand], 0.0)
+                extra = lsum[cand] * km(robust) - np.where(np.isfinite(waits[cand]), cost_x[i, cand], 0.0)
+                left = budget - float(cost_x[i, chosen].sum())
+                take = np.cumsum(extra) <= left
+                waits[cand[take]] = robust[take]
 
         # Stage 2, average optimisation: per bucket, pick the wait minimising mean + mu * cost
-        # among waits no longer than the tail stage's, with mu bisected to fit the budget.
-        grid = np.unique(np.concatenate(([0.0], np.quantile(tsv, np.linspace(0, 0.995, WAIT_GRID)))))
+        # among waits no longer than a ceiling (the tail stage's), mu bisected to fit the budget,
+        # then fill what the Lagrangian leaves between hull points greedily.
+        grid = np.unique(np.concatenate(([0.0], quant(np.linspace(0, 0.995, WAIT_GRID)))))
         g = grid.size
-        cost = np.empty((nb, g + 1))
-        mean = np.empty((nb, g + 1))
-        for j, wv in enumerate(grid):  # g small; each call is vectorised over buckets
-            cost[:, j], mean[:, j] = option(np.full(nb, wv))
-        cost[:, g], mean[:, g] = option(waits)  # the tail-stage choice itself
-        allowed_col = np.concatenate((grid[None, :] < waits[:, None], np.ones((nb, 1), bool)), 1)
-        choice_w = np.concatenate((np.broadcast_to(grid, (nb, g)), waits[:, None]), axis=1)
-
-        def pick(mu: float) -> np.ndarray:
-            return np.argmin(np.where(allowed_col, mean + mu * cost, np.inf), axis=1)
-
+        choice_w = np.concatenate(
+            (np.broadcast_to(grid, (nb, g)), np.full((nb, 1), np.inf), waits[:, None]), axis=1
+        )
+        cost = np.empty(choice_w.shape)
+        mean = np.empty(choice_w.shape)
+        cost[:, :g] = lsum[:, None] * km(grid)[None, :]
+        mean[:, :g] = e_min(grid[None, None, :] + rep_td[:, :, None]).mean(axis=1) * count[:, None]
+        cost[:, g], mean[:, g] = 0.0, never_mean * count
+        cost[:, g + 1], mean[:, g + 1] = option(waits)
         rows = np.arange(nb)
-        sel = pick(0.0)
-        if cost[rows, sel].sum() > budget:
-            lo, hi = -12.0, 4.0  # log10 of mu, seconds per prompt token
-            sel = pick(10.0**hi)
-            for _ in range(40):
-                mid = 0.5 * (lo + hi)
-                s = pick(10.0**mid)
-                if cost[rows, s].sum() <= budget:
-                    hi, sel = mid, s
-                else:
-                    lo = mid
-        self.edges, self.waits = edges, choice_w[rows, sel]
+
+        def optimise(ceiling: np.ndarray) -> np.ndarray:
+            allowed_col = choice_w <= ceiling[:, None]
+
+            def pick(mu: float) -> np.ndarray:
+                return np.argmin(np.where(allowed_col, mean + mu * cost, np.inf), axis=1)
+
+            sel = pick(0.0)
+            if cost[rows, sel].sum() > budget:
+                lo, hi = -12.0, 4.0  # log10 of mu, seconds per prompt token
+                sel = pick(10.0**hi)
+                for _ in range(30):
+                    mid = 0.5 * (lo + hi)
+                    s = pick(10.0**mid)
+                    if cost[rows, s].sum() <= budget:
+                        hi, sel = mid, s
+                    else:
+                        lo = mid
+            left = budget - float(cost[rows, sel].sum())
+            for _ in range(2 * nb):
+                dc = cost - cost[rows, sel][:, None]
+                dm = mean[rows, sel][:, None] - mean
+                fits = allowed_col & (dm > 0) & (dc <= left)
+                if not fits.any():
+                    break
+                ratio = np.where(fits, dm / np.maximum(dc, 1e-12), -np.inf)
+                j, c = divmod(int(np.argmax(ratio)), choice_w.shape[1])
+                left -= float(dc[j, c])
+                sel = sel.copy()
+                sel[j] = c
+            return sel
+
+        def predicted_tail(sel: np.ndarray) -> float:
+            """Model P_q of TTFT: the smallest x whose exposure is within the allowed mass."""
+            wv = choice_w[rows, sel]
+            slow = (wv[None, :, None] + rep_td[None, :, :]) > xs[:, None, None]  # (X, nb, R)
+            exposure = s_x * (slow.mean(axis=2) * count[None, :]).sum(axis=1)
+            ok_x = exposure <= allowed
+            return float(xs[int(np.argmax(ok_x))]) if ok_x.any() else np.inf
+
+        # [R] Candidates: tail first (the paper's order), mean only, and racing the shortest
+        # buckets (a plain length split is a point of this search space too); keep the one with
+        # the lowest predicted tail, the lowest predicted mean among near-ties.
+        race_short = np.full(nb, np.inf)
+        race_short[: int(np.searchsorted(np.cumsum(lsum), budget, side="right"))] = 0.0
+        cands = [optimise(waits), optimise(np.full(nb, np.inf)), optimise(race_short)]
+        tails = np.array([predicted_tail(c) for c in cands])
+        means = np.array([mean[rows, c].sum() for c in cands])
+        if os.environ.get("DBG"):
+            print(np.round(tails, 3), np.round(means / n, 4))
+        near = tails <= tails.min() * (1.0 + TAIL_TIE)
+        best = cands[int(np.argmin(np.where(near, means, np.inf)))]
+        self.edges, self.waits = edges, choice_w[rows, best]
 
 
 POLICIES.add("disco", DiSCo)

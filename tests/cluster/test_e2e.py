@@ -56,7 +56,7 @@ def testbed(tmp_path_factory):
             device_profile="xiaomi14-qwen0.5b", checkpoint_interval_s=0.0,
         ),
         fleet=FleetConfig(
-            devices=4, devices_per_actor=2, time_scale=0.05,
+            devices=4, devices_per_actor=2, time_scale=0.05, server="http",
             network=NetworkConfig(rtt_ms=2, jitter_ms=1, distribution="normal"),
         ),
         agent=AgentConfig(

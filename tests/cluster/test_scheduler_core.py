@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from disco.cluster import wire
 from disco.cluster.planner_client import ActorPlanner
 from disco.cluster.scheduler_state import BudgetLedger, FileStore, SchedulerCore
 from disco.scheduler.policies.base import PolicyConfig
@@ -81,16 +82,16 @@ class _FakeActor:
     """Looks like an actor handle: ``await actor.plan_many.remote(...)``."""
 
     def __init__(self, core: SchedulerCore, fail: bool = False) -> None:
-        async def plan_many(reqs):
+        async def plan_wire(reqs):
             await asyncio.sleep(0.001)
             if fail:
                 raise RuntimeError("actor died")
-            return core.plan_many(reqs, 0.0)
+            return [wire.plan_to(p) for p in core.plan_many(map(wire.request_from, reqs), 0.0)]
 
         async def report_many(outs):
             core.observe_many(outs)
 
-        self.plan_many = _FakeRemote(plan_many)
+        self.plan_wire = _FakeRemote(plan_wire)
         self.report_many = _FakeRemote(report_many)
 
 
@@ -101,7 +102,7 @@ async def test_planner_batches_concurrent_callers():
     reqs = [Request(f"r{i}", 0.0, 10) for i in range(200)]
     plans = await asyncio.gather(*(planner.plan(r) for r in reqs))
     assert [p.request_id for p in plans] == [r.id for r in reqs]  # each caller gets its own plan
-    assert actor.plan_many.calls == 4  # 200 callers in one tick -> ceil(200 / 64) calls
+    assert actor.plan_wire.calls == 4  # 200 callers in one tick -> ceil(200 / 64) calls
     await asyncio.gather(*(planner.report(_outcome(i)) for i in range(10)))
     assert core.ledger.requests == 10 and actor.report_many.calls == 1
 
@@ -112,3 +113,23 @@ async def test_planner_falls_back_to_a_race_when_the_actor_fails():
     plan = await planner.plan(Request("r", 0.0, 10))
     assert plan.server_start == 0.0 and plan.device_start == 0.0
     assert plan.policy == "fallback-race" and planner.stats.fallbacks == 1
+
+
+async def test_planner_times_out_to_a_race_without_breaking_the_batch():
+    core = SchedulerCore(_policy(), Regime.SERVER_CONSTRAINED)
+    actor = _FakeActor(core)
+    planner = ActorPlanner(actor, timeout_s=0.0)  # every caller gives up at once
+    plans = await asyncio.gather(*(planner.plan(Request(f"r{i}", 0.0, 10)) for i in range(5)))
+    assert {p.policy for p in plans} == {"fallback-race"} and planner.stats.fallbacks == 5
+    await asyncio.sleep(0.01)  # the batch still completes quietly in the background
+    assert core.plans == 5
+
+
+def test_wire_round_trip():
+    from disco.scheduler.types import EndpointKind, MigrationRule, Plan
+
+    r = Request("x", 1.5, 12, 30, "dev", 0.4)
+    assert wire.request_from(wire.request_to(r)) == r
+    rule = MigrationRule(EndpointKind.DEVICE, EndpointKind.SERVER)
+    for p in (Plan("x", 0.0, None), Plan("y", None, 0.2, False, rule, "disco")):
+        assert wire.plan_from(wire.plan_to(p)) == p

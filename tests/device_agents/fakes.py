@@ -23,6 +23,7 @@ class Script:
     tbt: float = 0.002
     length: int = 20  # the response ends (finish "stop") at this total index
     fail_after: int | None = None  # tokens this call yields before raising
+    stall_after: int | None = None  # tokens this call yields before going silent forever
 
 
 class ScriptedEndpoint:
@@ -45,6 +46,8 @@ class ScriptedEndpoint:
             for n, i in enumerate(range(req.start_index, end)):
                 if script.fail_after is not None and n >= script.fail_after:
                     raise EndpointFailedError(f"{self.name} died at index {i}")
+                if script.stall_after is not None and n >= script.stall_after:
+                    await asyncio.Event().wait()  # a hung replica: never raises, never ends
                 if n:
                     await asyncio.sleep(script.tbt)
                 reason = "stop" if i + 1 == script.length else None
@@ -94,3 +97,32 @@ def cheap_server_profiles() -> tuple[ServerProfile, DeviceProfile]:
         j_per_gflop=1.0,
     )
     return server, device
+
+
+class FailAfter:
+    """Wraps a real endpoint so that each stream dies after ``n`` tokens (failover tests)."""
+
+    def __init__(self, inner, n: int, kind: EndpointKind | None = None) -> None:
+        self.inner, self.n = inner, n
+        self.kind = kind or inner.kind
+        self.name = f"{inner.name}+fail@{n}"
+
+    async def stream(self, req: GenerationRequest):
+        it = self.inner.stream(req)
+        try:
+            async for i, ev in _enumerate(it):
+                if i >= self.n:
+                    raise EndpointFailedError(f"{self.name}: killed after {i} tokens")
+                yield ev
+        finally:
+            await it.aclose()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def _enumerate(ait):
+    i = 0
+    async for x in ait:
+        yield i, x
+        i += 1

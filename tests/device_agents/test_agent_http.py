@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -118,6 +120,12 @@ def test_bad_input_gets_a_4xx_json_error(served, path, body, status):
     assert r.json()["error"]["message"]
 
 
+def test_wrong_route_or_method_is_a_json_4xx(served):
+    url, _ = served
+    for r in (httpx.get(url + "/v1/completions"), httpx.post(url + "/v2/nothing", json={})):
+        assert r.status_code in (404, 405) and r.json()["error"]["message"]
+
+
 def test_oversized_body_is_refused(served):
     url, _ = served
     body = b'{"prompt": "' + b"x" * 10_000 + b'"}'
@@ -181,3 +189,25 @@ def test_no_endpoint_left_gives_503_not_500():
     finally:
         srv.stop()
     assert agent.metrics.failed == 2
+
+
+def test_client_going_away_stops_the_endpoints():
+    agent = make_agent(
+        Script(ttft=0.01, tbt=0.05, length=200), Script(ttft=0.01, tbt=0.05, length=200)
+    )
+    srv = BackgroundServer(create_app(agent))
+    url = srv.start()
+    try:
+        body = {"prompt": "x", "stream": True, "max_tokens": 200}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=10) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(3)]
+        assert all(line.startswith("data: ") or not line for line in got)
+        deadline = time.monotonic() + 5
+        while agent.metrics.cancelled == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)  # bounded wait for the server to notice the disconnect
+        assert agent.metrics.cancelled == 1
+        ends = agent.coordinator.endpoints.values()
+        assert sum(ep.closed_early for ep in ends) == 2  # winner and loser both stopped
+    finally:
+        srv.stop()

@@ -91,6 +91,7 @@ async def test_hedge_not_triggered_when_first_token_came_in_time():
     _, events, o = await run(coord, Plan("r1", 0.0, SLOW))
     assert len(events) == 20 and o.first_token_from is S
     assert device.calls == []  # never started
+    assert o.server_started is True and o.device_started is False
     assert o.device_prompt_tokens == 0 and o.device_energy_j == 0
 
 
@@ -99,7 +100,7 @@ async def test_hedge_triggered_when_server_is_slow():
     _, events, o = await run(coord, Plan("r1", 0.0, 0.05))
     assert_exactly_once(events, 20)
     assert len(device.calls) == 1 and o.first_token_from is D
-    assert server.closed_early == 1
+    assert server.closed_early == 1 and o.server_started and o.device_started
 
 
 async def test_kept_loser_keeps_running_and_is_charged():
@@ -139,6 +140,24 @@ async def test_migration_device_to_server_every_index_once():
     assert k is not None
     assert [e.source for e in events] == [D] * k + [S] * (60 - k)
     assert server.calls[0].prefix == text_of(events[:k])
+
+
+async def test_buffer_rule_holds_migration_while_the_reader_keeps_up():
+    # The profile promises a fast source, but the real one is slower than the reader (30 tok/s):
+    # the unread buffer never reaches B = r_c * t_m, so a switch would stall the reader.
+    server, device = (
+        ScriptedEndpoint(S, Script(ttft=FAST, tbt=0.04, length=15)),
+        ScriptedEndpoint(D),
+    )
+    sp, dp = cheap_device_profiles()
+    cfg = CoordinatorConfig(
+        migration=MigrationConfig(rtt_s=0.005, read_tps=30.0, min_remaining_tokens=1)
+    )
+    coord = Coordinator(server, device, sp, dp, cfg)
+    plan = Plan("r1", 0.0, None, migration=MigrationRule(target=D, from_kind=S))
+    _, events, o = await run(coord, plan, request(output_tokens=15))
+    assert_exactly_once(events, 15)
+    assert o.migrated_at is None and device.calls == []
 
 
 async def test_no_migration_when_rule_does_not_match_winner():
@@ -214,6 +233,25 @@ async def test_source_failure_during_migration_hands_over_to_target():
     k = [e.source for e in events].index(D)
     assert [e.source for e in events] == [S] * k + [D] * (40 - k)
     assert device.calls[-1].start_index == k
+
+
+async def test_a_stalled_stream_fails_over():
+    coord, server, device = make(
+        Script(ttft=FAST, stall_after=5), Script(ttft=FAST), stall_timeout_s=0.1
+    )
+    ex, events, o = await run(coord, Plan("r1", 0.0, None))
+    assert_exactly_once(events, 20)
+    assert [e.source for e in events] == [S] * 5 + [D] * 15
+    assert "stalled" in ex.failures[0] and server.closed_early == 1
+
+
+async def test_no_first_token_in_time_starts_the_hedge():
+    coord, server, device = make(
+        Script(stall_after=0), Script(ttft=FAST), first_token_timeout_s=0.1
+    )
+    ex, events, o = await run(coord, Plan("r1", 0.0, 30.0))
+    assert_exactly_once(events, 20)
+    assert o.first_token_from is D and "first token" in ex.failures[0]
 
 
 async def test_max_tokens_caps_the_stream():

@@ -15,10 +15,16 @@ from dataclasses import dataclass
 import pytest
 import pytest_asyncio
 from disco.device_agents.engines import create_endpoint
-from disco.scheduler.endpoint import ENDPOINTS, Endpoint, GenerationRequest, InvalidRequestError
+from disco.scheduler.endpoint import (
+    ENDPOINTS,
+    Endpoint,
+    EndpointFailedError,
+    GenerationRequest,
+    InvalidRequestError,
+)
 from disco.scheduler.profiles import DeviceProfile
 from disco.scheduler.registry import UnknownNameError
-from disco.scheduler.types import TokenEvent
+from disco.scheduler.types import EndpointKind, TokenEvent
 from openai_stub import serve_openai
 
 CTX = 512  # small context windows make "prompt too long" cheap to provoke
@@ -206,3 +212,12 @@ async def test_every_engine_counts_tokens(llama, llama_server):
     for estimate in (emulated.count_tokens(PROMPT), remote.count_tokens(PROMPT)):
         assert exact / 2 <= estimate <= exact * 2
     assert llama.count_tokens("") == emulated.count_tokens("") == 0
+
+
+async def test_llamacpp_serves_as_a_server_engine_too():
+    ep = create_endpoint("llamacpp", model="smollm2-135m", kind="server", n_ctx=128, n_threads=1)
+    events, _ = await collect(ep, GenerationRequest(PROMPT, 3))
+    assert [e.source for e in events] == [EndpointKind.SERVER] * 3
+    await ep.close()
+    with pytest.raises(EndpointFailedError, match="closed"):
+        await anext(ep.stream(GenerationRequest(PROMPT, 3)))

@@ -72,9 +72,23 @@ def test_too_few_users_are_reported_as_falling_behind() -> None:
     p.start()
     # One user: request 0's response takes 1 s, so requests 1 and 2 go out late.
     for slot in iter(p.claim, None):
-        p.sent(slot, p.wait(slot, clock.sleep))
+        claimed = clock()
+        p.sent(slot, p.wait(slot, clock.sleep), claimed)
         clock.sleep(1.0)
     st = p.stats()
-    assert st.sent == 3 and st.late == 2
+    assert st.sent == 3 and st.late == 2 and st.late_no_user == 2
     assert st.max_lag_s == pytest.approx(1.8)
-    assert len(warnings) == 1 and "falling behind" in warnings[0]  # rate-limited
+    assert len(warnings) == 1 and "add users" in warnings[0]  # rate-limited
+
+
+def test_a_late_wake_up_is_blamed_on_the_cpu() -> None:
+    clock = FakeClock()
+    warnings: list[str] = []
+    p = Pacer([0.5], clock=clock, warn=warnings.append)
+    p.start()
+    slot = p.claim()
+    clock.sleep(0.6)  # claimed at 0, woken 100 ms after the due time
+    p.sent(slot, clock(), claimed_at=0.0)
+    st = p.stats()
+    assert st.late == 1 and st.late_no_user == 0
+    assert "CPU" in warnings[0]

@@ -48,3 +48,13 @@ def test_jsonl_round_trip(tmp_path: Path, builder: PromptBuilder) -> None:
     reqs = build_schedule(_arrivals(3), TARGETS[:1], builder)
     write_schedule(tmp_path / "s.jsonl", reqs)
     assert read_schedule(tmp_path / "s.jsonl") == reqs
+
+
+def test_prompt_scale_keeps_the_length_order(builder: PromptBuilder) -> None:
+    arr = [Arrival(0.0, p, 10) for p in (80, 400, 1600)]
+    reqs = build_schedule(arr, TARGETS[:1], builder, prompt_scale=0.125, max_prompt_tokens=150)
+    assert [r.trace_prompt_tokens for r in reqs] == [80, 400, 1600]
+    want = [10, 50, 150]  # scaled, then capped
+    assert all(abs(r.prompt_tokens - w) <= 3 for r, w in zip(reqs, want, strict=True))
+    with pytest.raises(ValueError):
+        build_schedule(arr, TARGETS[:1], builder, prompt_scale=0)

@@ -1,0 +1,105 @@
+"""Writing sweep results: sim.json, sim.csv, a text table and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .simulator import ROW_KEYS
+
+
+def write_rows(out_dir: Path, rows: Sequence[dict], meta: dict[str, Any]) -> tuple[Path, Path]:
+    """``sim.json`` = {"rows": [...], "meta": {...}} and ``sim.csv``; nothing time-dependent, so
+    the same inputs and seed give byte-identical files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath, cpath = out_dir / "sim.json", out_dir / "sim.csv"
+    jpath.write_text(json.dumps({"rows": list(rows), "meta": meta}, indent=1, allow_nan=False) + "\n")
+    with cpath.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(ROW_KEYS), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return jpath, cpath
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}" if abs(v) >= 10 ** (-nd) or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+TABLE_COLS = (
+    ("policy", "policy"), ("budget", "b"), ("migration", "mig"), ("budget_used", "used"),
+    ("ttft_mean", "ttft_mean"), ("ttft_p50", "p50"), ("ttft_p90", "p90"), ("ttft_p99", "p99"),
+    ("tbt_p99", "tbt_p99"), ("qoe_mean", "qoe"), ("server_cost", "server_$"),
+    ("device_energy_j", "energy_J"), ("migrations", "migr"),
+)  # fmt: skip
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    head = [h for _, h in TABLE_COLS]
+    body = [[_fmt(r.get(k)) for k, _ in TABLE_COLS] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[dict], cols: Sequence[tuple[str, str]] = TABLE_COLS) -> str:
+    out = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def plot_rows(rows: Sequence[dict], out_dir: Path, title: str = "", dpi: int = 100) -> list[Path]:
+    """TTFT (mean, P99) against budget per policy; cost against mean TTFT, migration on/off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    base_mig = False if any(r["migration"] is False for r in rows) else True
+    paths: list[Path] = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], "ttft_mean", "mean TTFT (s)"), (axes[1], "ttft_p99", "P99 TTFT (s)")):
+        for p in policies:
+            rs = sorted((r for r in rows if r["policy"] == p and r["migration"] is base_mig),
+                        key=lambda r: r["budget"])  # fmt: skip
+            ax.plot([r["budget"] for r in rs], [r[key] for r in rs], marker="o", ms=3, label=p)
+        ax.set_xlabel("budget b")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    paths.append(out_dir / "ttft_vs_budget.png")
+    fig.savefig(paths[-1], dpi=dpi)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for mig, marker in ((False, "o"), (True, "^")):
+        rs = [r for r in rows if r["migration"] is mig]
+        if not rs:
+            continue
+        cost = [r["server_cost"] + (r.get("device_cost") or 0.0) for r in rs]
+        ax.scatter([r["ttft_mean"] for r in rs], cost, marker=marker, s=14,
+                   label=f"migration {'on' if mig else 'off'}")  # fmt: skip
+    ax.set_xlabel("mean TTFT (s)")
+    ax.set_ylabel("server $ + device energy $ (trace total)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    paths.append(out_dir / "cost_vs_ttft.png")
+    fig.savefig(paths[-1], dpi=dpi)
+    plt.close(fig)
+    return paths

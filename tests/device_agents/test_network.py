@@ -1,0 +1,53 @@
+"""Last-hop network wrapper: delays are seeded and bounded below, order and errors survive."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from disco.device_agents.network import DISTRIBUTIONS, NetworkConfig, NetworkEndpoint
+from disco.scheduler.endpoint import EndpointFailedError, GenerationRequest
+from disco.scheduler.types import EndpointKind
+from fakes import Script, ScriptedEndpoint
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_delays_are_seeded_and_at_least_half_the_rtt(dist):
+    cfg = NetworkConfig(rtt_s=0.04, jitter_s=0.01, distribution=dist)
+    a = [cfg.one_way(np.random.default_rng(7)) for _ in range(3)]
+    b = [cfg.one_way(np.random.default_rng(7)) for _ in range(3)]
+    assert a == b and min(a) >= 0.02
+    many = [cfg.one_way(np.random.default_rng(s)) for s in range(200)]
+    assert (len(set(many)) > 1) == (dist != "constant")
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError):
+        NetworkConfig(rtt_s=-1)
+    with pytest.raises(ValueError):
+        NetworkConfig(distribution="cauchy")
+
+
+async def test_tokens_arrive_complete_and_in_order_under_jitter():
+    inner = ScriptedEndpoint(EndpointKind.SERVER, Script(ttft=0.001, tbt=0.0005, length=30))
+    net = NetworkEndpoint(inner, NetworkConfig(0.002, 0.003, "exponential", seed=3))
+    got = [ev.index async for ev in net.stream(GenerationRequest("p", 30, request_id="r"))]
+    assert got == list(range(30)) and net.kind is EndpointKind.SERVER
+
+
+async def test_inner_failure_reaches_the_caller_after_the_tokens_before_it():
+    inner = ScriptedEndpoint(EndpointKind.SERVER, Script(ttft=0.001, fail_after=4))
+    net = NetworkEndpoint(inner, NetworkConfig(0.002, 0.001, "normal"))
+    got = []
+    with pytest.raises(EndpointFailedError):
+        async for ev in net.stream(GenerationRequest("p", 30, request_id="r")):
+            got.append(ev.index)
+    assert got == [0, 1, 2, 3]
+
+
+async def test_closing_the_wrapper_stops_the_inner_stream():
+    inner = ScriptedEndpoint(EndpointKind.SERVER, Script(ttft=0.001, tbt=0.01, length=100))
+    net = NetworkEndpoint(inner, NetworkConfig(0.001))
+    it = net.stream(GenerationRequest("p", 100, request_id="r"))
+    assert (await it.__anext__()).index == 0
+    await it.aclose()
+    assert inner.closed_early == 1

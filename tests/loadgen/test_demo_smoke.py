@@ -1,0 +1,44 @@
+"""`disco demo` at a small size: the whole path (Ray, Serve llama.cpp server, real llama.cpp device
+agent, emulated fleet, scheduler actor, Locust) with two policies, a few requests each."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("llama_cpp")
+pytest.importorskip("locust")
+
+ROW_KEYS = {"policy", "budget", "requests", "errors", "ttft_mean", "ttft_p50", "ttft_p99",
+            "tbt_p99", "qoe_mean", "server_cost", "device_energy_j", "budget_used", "migrations"}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_demo_small_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "disco.cluster.cli", "demo", "--quick", "--duration", "6",
+           "--devices", "1", "--policies", "disco,server-only", "--budget", "0.3",
+           "--out", str(out)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "[demo] [2/2] server-only" in res.stdout  # progress was shown
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["policy"]: r for r in summary["rows"]}
+    assert set(rows) == {"disco", "server-only"}
+    for r in rows.values():
+        assert set(r) == ROW_KEYS
+        assert r["requests"] > 0 and r["errors"] == 0
+        assert 0 < r["ttft_p50"] <= r["ttft_p99"]
+    so = rows["server-only"]
+    # Server-constrained budget: server-only prefills every prompt on the server, and pays for it.
+    assert so["budget_used"] == pytest.approx(1.0) and so["server_cost"] > 0
+    assert rows["disco"]["budget_used"] <= 0.3 + 0.2  # within the budget, up to small-sample slack
+    for name in ("ttft_cdf.png", "tbt_cdf.png", "sim_vs_live.md", "disco/requests.jsonl",
+                 "server-only/locust_stats.csv"):  # fmt: skip
+        assert (out / name).stat().st_size > 0, name
+    assert {r["source"] for r in summary["sim_vs_live"]} >= {"live", "sim (configured)"}
