@@ -32,15 +32,16 @@ RESULTS = Path(__file__).parent / "results" / "loadgen.md"
 
 
 def one_rate(
-    rate: float, duration: float, users: int, seed: int, corpus: Corpus, spin_s: float
+    rate: float, duration: float, users: int, seed: int, corpus: Corpus, spin_s: float, nice: int
 ) -> dict:
     arrivals = synthetic(
         Poisson(rate), LogNormalLengths(prompt_median=64, output_median=8, max_tokens=32),
         duration=duration, seed=seed,
     )  # fmt: skip
     opts = ReplayOptions(
-        label=f"{rate:g}/s", max_tokens=16, users=users, plots=False, html=False, spin_s=spin_s
-    )
+        label=f"{rate:g}/s", max_tokens=16, users=users, plots=False, html=False, spin_s=spin_s,
+        nice=nice,
+    )  # fmt: skip
     with (
         MockServer(MockConfig(ttft_s=0.005, tbt_s=0.002)) as srv,
         tempfile.TemporaryDirectory() as d,
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=64)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--spin-ms", type=float, default=1.0, help="pacer spin before each send")
+    ap.add_argument("--nice", type=int, default=0, help="Locust's nice value (< 0 needs root)")
     ap.add_argument(
         "--write",
         action="store_true",
@@ -79,7 +81,7 @@ def main() -> None:
     rows = []
     for run in range(a.runs):
         for rate in a.rates:
-            r = one_rate(rate, a.duration, a.users, run, corpus, a.spin_ms / 1000)
+            r = one_rate(rate, a.duration, a.users, run, corpus, a.spin_ms / 1000, a.nice)
             rows.append(r)
             print(f"rate {rate:g}/s run {run}: {r['requests']} requests, send error P50 "
                   f"{r['send_p50']:.2f} ms P99 {r['send_p99']:.2f} ms max {r['send_max']:.2f} ms; "
@@ -96,7 +98,7 @@ def write(rows: list[dict], a: argparse.Namespace) -> None:
         f"Measured {now} on {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, with `python bench/bench_pacing.py --rates "
         f"{' '.join(f'{r:g}' for r in a.rates)} --duration {a.duration:g} --users {a.users} "
-        f"--runs {a.runs} --write`.",
+        f"--runs {a.runs} --spin-ms {a.spin_ms:g} --nice {a.nice} --write`.",
         "",
         "Poisson arrivals replayed by Locust (headless, own process, shared open-loop pacer) "
         "against a loopback SSE server (5 ms TTFT, 2 ms/token, <= 16 tokens). *Send error*: the "

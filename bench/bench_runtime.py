@@ -199,6 +199,15 @@ class CallerActor:
     async def run(self, concurrency: int, seconds: float, tag: str) -> int:
         return await _callers(self.planner.plan, concurrency, seconds, tag)
 
+    async def ping_latency(self, n: int) -> float:
+        """Median ms of an empty actor call: Ray's floor for any remote decision."""
+        xs = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await self.planner.actor.ping.remote()
+            xs.append(time.perf_counter() - t0)
+        return median_ms(xs[10:])
+
     async def latency(self, n: int) -> float:
         """Median ms of one plan() when nothing else is going on."""
         xs = []
@@ -219,8 +228,11 @@ async def measure_scheduler(seconds: float) -> list[dict]:
         return await actor.plan.remote(req)
 
     lat_caller = CallerActor.remote(actor)
+    ping_ms = await lat_caller.ping_latency.remote(300)
+    rows.append({"mode": "empty actor call (`ping`): 1 caller actor, sequential",
+                 "callers": "1", "rate": 1000.0 / ping_ms, "p50_ms": ping_ms})  # fmt: skip
     plan_ms = await lat_caller.latency.remote(300)
-    rows.append({"mode": "plan latency, 1 caller actor, sequential (ActorPlanner)",
+    rows.append({"mode": "plan latency: 1 caller actor, sequential ActorPlanner.plan",
                  "callers": "1", "rate": 1000.0 / plan_ms, "p50_ms": plan_ms})  # fmt: skip
     ray.kill(lat_caller)
     for conc in (1, 100):
@@ -294,7 +306,7 @@ def render(lat: dict, sched: list[dict], batching: dict, args: argparse.Namespac
     ]
     lines += [
         f"| {r['mode']} | {r['callers']} | {r['rate']:,.0f}"
-        + (f" (p50 {r['p50_ms']:.2f} ms per plan)" if "p50_ms" in r else "")
+        + (f" (p50 {r['p50_ms']:.2f} ms per call)" if "p50_ms" in r else "")
         + " |"
         for r in sched
     ]
@@ -312,6 +324,29 @@ def render(lat: dict, sched: list[dict], batching: dict, args: argparse.Namespac
             f"{' (Ray Serve LLM default)' if ms == 50 else ''} | {r['ttft_p50']:.2f} | "
             f"{r['ttft_p99']:.2f} | {r['added_p50']:+.2f} | {r['tbt_p50']:.2f} |"
         )
+    lines += [
+        "",
+        "## Reading these numbers",
+        "",
+        "- Serve's own per-request cost dominates the path: on this 2-core machine a plain "
+        "`GET /health` through Serve's HTTP proxy takes ~9-11 ms, a handle call skips the proxy "
+        "and saves about half of it. That is why agents inside the cluster (fleets, the agent "
+        "actor) reach the replicas through a DeploymentHandle (`fleet.server: handle`), and only "
+        "agents on other machines use HTTP.",
+        "- What DiSCo's agent + scheduler add is the column difference between an agent row and "
+        "the Serve row it uses. About 2 ms of it is the scheduler's plan: one Ray actor call, "
+        "whose floor here is ~1-1.5 ms (an empty `ping` call) — see the plan latency row. The "
+        "rest is the client -> agent HTTP hop (uvicorn in a Ray actor) and the coordinator's "
+        "queue hand-off. The <= 2 ms target is not met on this machine; the plan call is already "
+        "at Ray's floor (tuples on the wire, no extra task per call).",
+        "- Decisions/s: one Ray call per decision is bounded by the call's round trip; the "
+        "ActorPlanner gathers the calls made in one event-loop tick into one `plan_wire` call, so "
+        "one actor keeps up with thousands of concurrent streams (target >= 5,000/s).",
+        "- Stream batching: Serve-LLM-style coalescing waits one interval before its first drain, "
+        "so it adds about the whole interval to every TTFT (~+17 ms at 20 ms, ~+50 ms at 50 ms "
+        "vs 0); TBT p50 drops to ~0 because tokens then arrive in bursts. Our deployment "
+        "defaults to 0.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -61,7 +61,13 @@ def start_serve(cfg: ServerConfig) -> int:
         proxy_location=cfg.http.proxy_location,
         http_options={"host": cfg.http.host, "port": port},
     )
-    return port
+    # Serve already running on this cluster keeps its own HTTP options: report the real port.
+    try:
+        from ray.serve.context import _get_global_client
+
+        return int(_get_global_client().http_config.port)
+    except (ImportError, AttributeError):  # private API moved: trust what we asked for
+        return port
 
 
 def deploy_server(cfg: ServerConfig) -> Any:
@@ -128,6 +134,16 @@ class Testbed:
         from disco.cluster.planner_client import ActorPlanner
 
         return ActorPlanner(self.scheduler, **kwargs)
+
+    def stats(self) -> dict[str, Any]:
+        """The scheduler's counters and budget ledger, and each fleet actor's metrics."""
+        import ray
+
+        out: dict[str, Any] = {"scheduler": ray.get(self.scheduler.stats.remote())}
+        out["fleets"] = ray.get([f.stats.remote() for f in self.fleets])
+        if self.agent is not None:
+            out["agent"] = ray.get(self.agent.metrics.remote())
+        return out
 
     def shutdown(self) -> None:
         import ray

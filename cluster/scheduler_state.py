@@ -106,16 +106,14 @@ class SchedulerCore:
     # ---- snapshots ----------------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        state: dict[str, Any] = {
-            "ledger": self.ledger,
-            "plans": self.plans,
-            "restores": self.restores,
-            "recent": list(self.recent),
-        }
+        state: dict[str, Any] = {"ledger": self.ledger, "plans": self.plans,
+                                 "restores": self.restores, "recent": []}  # fmt: skip
         try:
             state["policy"] = pickle.dumps(self.policy, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # noqa: BLE001 - any unpicklable member: fall back to replay
+            # Only then do the recent outcomes travel (they are the bulk of a snapshot).
             state["policy"] = None
+            state["recent"] = list(self.recent)
         return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
     def restore(self, blob: bytes, fresh_policy: Callable[[], Policy]) -> None:

@@ -109,7 +109,10 @@ class DiscoServer:
         # window...) still becomes a 4xx instead of a broken stream.
         first = await self._first(events)
         if not body.stream:
-            rest = [ev async for ev in events]
+            try:
+                rest = [ev async for ev in events]
+            except EndpointFailedError as e:
+                raise ApiError(503, str(e), "engine_failed") from None
             out = ([first] if first else []) + rest
             return completion(body.request.request_id, body.model, body, out)
         return StreamingResponse(
@@ -143,6 +146,15 @@ class DiscoServer:
             yield ApiError(503, str(e), "engine_failed").body() | {"status": 503}
         finally:
             await events.aclose()
+
+    async def engine_stats(self) -> dict[str, Any]:
+        """The engine's counters when it keeps any (the emulated one does), for tests/telemetry."""
+        stats = getattr(self.engine, "stats", None)
+        if stats is None:
+            return {}
+        return {k: getattr(stats, k) for k in getattr(stats, "__slots__", ())} or dict(
+            getattr(stats, "__dict__", {})
+        )
 
     # ---- internals ----------------------------------------------------------------------------
 

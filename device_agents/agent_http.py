@@ -17,7 +17,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from starlette.routing import Route
 
 from .agent import DeviceAgent
 from .coordinator import Execution, StreamFailedError
+from .telemetry import AgentMetrics, merge_metrics
 
 API_KEY_ENV = "DISCO_API_KEY"
 
@@ -97,10 +98,36 @@ class _Parsed:
     chat: bool
 
 
-def create_app(agent: DeviceAgent, config: HttpConfig | None = None) -> Starlette:
-    """The ASGI app over one agent. The cluster side can mount it or serve it with uvicorn."""
+DEVICE_HEADER = "x-disco-device"
+
+
+def create_app(
+    agent: DeviceAgent | Mapping[str, DeviceAgent], config: HttpConfig | None = None
+) -> Starlette:
+    """The ASGI app over one agent, or over many (an emulated fleet: ``fleet.agents``).
+
+    With many agents a request names its device with the ``X-Disco-Device`` header or OpenAI's
+    ``user`` field; /metrics then sums the devices. The cluster side can mount the app or serve it
+    with uvicorn (see :func:`serve` and :class:`BackgroundServer`).
+    """
     cfg = config or HttpConfig()
-    metrics = agent.metrics
+    agents = {agent.config.device_id: agent} if isinstance(agent, DeviceAgent) else dict(agent)
+    if not agents:
+        raise ValueError("create_app needs at least one agent")
+    only = next(iter(agents.values())) if len(agents) == 1 else None
+    rejected = AgentMetrics()  # requests refused before reaching any device
+
+    def pick(request: Request, data: dict[str, Any]) -> DeviceAgent:
+        if only is not None:
+            return only
+        name = request.headers.get(DEVICE_HEADER) or data.get("user")
+        if not isinstance(name, str) or not name:
+            raise ApiError(
+                400, "name a device: X-Disco-Device header or the user field", param="user"
+            )
+        if name not in agents:
+            raise ApiError(404, f"no device {name!r} here", "not_found_error", "user")
+        return agents[name]
 
     async def body_json(request: Request) -> dict[str, Any]:
         declared = request.headers.get("content-length")
@@ -160,13 +187,15 @@ def create_app(agent: DeviceAgent, config: HttpConfig | None = None) -> Starlett
 
     async def generate(request: Request, chat: bool) -> Response:
         try:
-            p = parse(await body_json(request), chat)
+            data = await body_json(request)
+            p = parse(data, chat)
+            agent = pick(request, data)
             ex = await agent.start(p.gen)
         except ApiError as e:
-            metrics.rejected += 1
+            rejected.rejected += 1
             return e.response()
         except InvalidRequestError as e:
-            metrics.rejected += 1
+            rejected.rejected += 1
             return ApiError(400, str(e)).response()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{ex.request_id}"
         try:
@@ -184,7 +213,7 @@ def create_app(agent: DeviceAgent, config: HttpConfig | None = None) -> Starlett
                 _sse(ex, first, rid, p), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )  # fmt: skip
-        return await _whole(ex, first, rid, p, agent)
+        return await _whole(ex, first, rid, p)
 
     async def completions(request: Request) -> Response:
         return await generate(request, chat=False)
@@ -193,16 +222,23 @@ def create_app(agent: DeviceAgent, config: HttpConfig | None = None) -> Starlett
         return await generate(request, chat=True)
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "device_id": agent.config.device_id})
+        body: dict[str, Any] = {"status": "ok", "devices": len(agents)}
+        if only is not None:
+            body["device_id"] = only.config.device_id
+        return JSONResponse(body)
 
     async def models(request: Request) -> Response:
         data = [{"id": m, "object": "model", "owned_by": "disco"} for m in cfg.models]
         return JSONResponse({"object": "list", "data": data})
 
     async def prometheus(request: Request) -> Response:
-        labels = f'device_id="{agent.config.device_id}"'
+        total = merge_metrics([rejected, *(a.metrics for a in agents.values())])
+        if only is not None:
+            labels = f'device_id="{_label(only.config.device_id)}"'
+        else:
+            labels = f'devices="{len(agents)}"'
         return PlainTextResponse(
-            metrics.render(labels=labels), media_type="text/plain; version=0.0.4"
+            total.render(labels=labels), media_type="text/plain; version=0.0.4"
         )
 
     routes = [
@@ -241,6 +277,11 @@ class _ApiKeyMiddleware:
                 await err.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _label(value: str) -> str:
+    """Escape a Prometheus label value."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _prompt(value: Any) -> str:
@@ -306,7 +347,7 @@ async def _sse(ex: Execution, first: TokenEvent, rid: str, p: _Parsed) -> AsyncI
     yield "data: [DONE]\n\n"
 
 
-async def _whole(ex: Execution, first: TokenEvent, rid: str, p: _Parsed, agent: DeviceAgent):
+async def _whole(ex: Execution, first: TokenEvent, rid: str, p: _Parsed) -> Response:
     events = [first]
     try:
         events += [ev async for ev in ex]

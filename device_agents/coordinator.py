@@ -15,8 +15,18 @@ What it does, per request (DESIGN.md section 2, paper-notes.md "Token-level migr
   delivered prefix. An endpoint that failed once is not retried within the request; when both have
   failed the stream ends with :class:`StreamFailedError` and the outcome carries the error.
 
-Pure asyncio: one pump task per endpoint stream feeds a single queue, so every decision is taken in
-one place, in arrival order.
+- Silence is failure too: no first token within ``first_token_timeout_s`` or no next token within
+  ``stall_timeout_s`` (a hung replica never raises) fails the stream over the same way.
+
+Pure asyncio, no Ray. While several streams run (a race, a hedge to come, a migration), one pump
+task per stream feeds a single queue, so every decision is taken in one place, in arrival order.
+A stream that is the only one left to run is iterated by the request's own task instead (one task
+switch per token, not two: what lets one event loop hold a thousand streams on time), watched by
+one lazily re-armed stall timer per request.
+
+Work accounting (``RequestOutcome``): every stream's prompt and output tokens are charged, the
+loser's and the speculative ones included; a server request is billed its prompt once sent, a device
+prefill cut short is charged pro rata of its expected duration [R].
 """
 
 from __future__ import annotations
@@ -101,6 +111,7 @@ def _stalled(leg: _Leg, limit: float | None) -> EndpointFailedError:
 
 # asyncio.timeout (3.11+) arms one timer and no extra task; wait_for is the 3.10 fallback.
 _TIMEOUT = getattr(asyncio, "timeout", None)
+_HAS_UNCANCEL = hasattr(asyncio.Task, "uncancel")  # 3.11+: the stall watchdog needs it
 
 
 async def _with_timeout(aw, seconds: float):
@@ -235,6 +246,11 @@ class _Run:
         self.finished_cb: Callable[[], None] | None = None
         self.direct: _Leg | None = None  # the sole live leg, iterated without a pump task
         self.cancelled = False  # the consumer stopped before the end
+        self.wd_leg: _Leg | None = None  # the leg the task is waiting on (stall watchdog)
+        self.wd_task: asyncio.Task | None = None
+        self.wd_handle: asyncio.TimerHandle | None = None
+        self.wd_due = 0.0
+        self.wd_fired = False
 
     # --- the driver -----------------------------------------------------------------------------
     async def events(self):
@@ -253,24 +269,28 @@ class _Run:
                 if leg is not None and leg.live:
                     # Inlined hot path (one iteration per token): the sole leg, no pump task.
                     limit = self._limit(leg)
+                    watched = limit is not None and _HAS_UNCANCEL
+                    if watched:
+                        self._watch(leg)
                     try:
-                        if limit is None:
+                        if limit is None or watched:
                             ev = await leg.it.__anext__()
-                        elif _TIMEOUT is not None:  # inlined: this runs once per token
-                            async with _TIMEOUT(limit):
-                                ev = await leg.it.__anext__()
-                        else:
+                        else:  # Python 3.10: a timeout per token (slower, same behaviour)
                             ev = await asyncio.wait_for(leg.it.__anext__(), limit)
                     except StopAsyncIteration:
                         self._on_end(leg)
                     except asyncio.CancelledError:
-                        raise
+                        if not self._stall_fired(leg):
+                            raise
+                        self._on_failure(leg, _stalled(leg, limit))
                     except asyncio.TimeoutError:
                         self._on_failure(leg, _stalled(leg, limit))
                     except Exception as e:  # any engine or transport error: this endpoint failed
                         self._on_failure(leg, e)
                     else:
                         self._on_token(leg, ev)
+                    finally:
+                        self.wd_leg = None
                 else:
                     if not any(leg.live for leg in self.legs) and not self.pending:
                         self._fail("no endpoint left to run the request")
@@ -291,6 +311,54 @@ class _Run:
             await self._reap(tasks)
         if self.fatal is not None:
             raise self.fatal
+
+    # --- stall watchdog of a directly driven leg -------------------------------------------------
+    # One timer per request, re-armed only when it fires (not per token): when it finds the leg
+    # silent for longer than its limit while the request's task waits on it, it cancels that
+    # task, and the wait turns the cancellation into a stall failure (as asyncio.timeout does).
+    def _watch(self, leg: _Leg) -> None:
+        self.wd_leg = leg
+        self.wd_task = asyncio.current_task()
+        limit = self._limit(leg)
+        # Re-arm only if the deadline moved earlier (the first token turns the long first-token
+        # limit into the shorter stall limit); a later deadline is handled when the timer fires.
+        if limit is not None and (
+            self.wd_handle is None or (leg.last_at or leg.started_at) + limit < self.wd_due
+        ):
+            self._arm_watchdog(leg)
+
+    def _arm_watchdog(self, leg: _Leg) -> None:
+        limit = self._limit(leg)
+        if limit is None:
+            return
+        if self.wd_handle is not None:
+            self.wd_handle.cancel()
+        self.wd_due = (leg.last_at or leg.started_at) + limit
+        delay = max(0.0, self.wd_due - self.clock())
+        self.wd_handle = asyncio.get_running_loop().call_later(delay, self._on_watchdog)
+
+    def _on_watchdog(self) -> None:
+        self.wd_handle = None
+        leg = self.wd_leg
+        if leg is None or not leg.live or self.wd_task is None:
+            return  # not waiting on an endpoint now: the next wait re-arms
+        limit = self._limit(leg)
+        if limit is None:
+            return
+        if self.clock() - (leg.last_at or leg.started_at) < limit:
+            self._arm_watchdog(leg)  # tokens came since it was armed
+            return
+        self.wd_fired = True
+        self.wd_task.cancel()
+
+    def _stall_fired(self, leg: _Leg) -> bool:
+        """Whether a CancelledError came from the watchdog (then it is absorbed)."""
+        if not self.wd_fired:
+            return False
+        self.wd_fired = False
+        task = asyncio.current_task()
+        # Someone else cancelled too: that cancellation wins.
+        return task is None or task.uncancel() == 0
 
     async def _next_msg(self) -> _Msg | None:
         # Wake up for the next hedge start or stall deadline even if no endpoint speaks.
@@ -576,6 +644,9 @@ class _Run:
         self.done = True
 
     def _stop_legs(self) -> list[asyncio.Task]:
+        if self.wd_handle is not None:
+            self.wd_handle.cancel()
+            self.wd_handle = None
         tasks = [leg.task for leg in self.legs if leg.task is not None and not leg.task.done()]
         for leg in self.legs:
             self._cancel(leg)

@@ -25,7 +25,7 @@ from .engines.emulated import EmulatedEndpoint
 from .local_planner import StaticPlanner
 from .network import NetworkConfig, NetworkEndpoint
 from .results import ResultsLog, outcome_to_dict
-from .telemetry import AgentMetrics
+from .telemetry import AgentMetrics, merge_metrics
 
 
 @dataclass(frozen=True)
@@ -163,18 +163,7 @@ class EmulatedFleet:
     # --- telemetry --------------------------------------------------------------------------
     def metrics(self) -> AgentMetrics:
         """The fleet's counters summed over its devices."""
-        total = AgentMetrics()
-        for a in self.agents.values():
-            m = a.metrics
-            for f in fields(AgentMetrics):
-                v = getattr(m, f.name)
-                if isinstance(v, list):
-                    acc = getattr(total, f.name)
-                    for i, x in enumerate(v):
-                        acc[i] += x
-                else:
-                    setattr(total, f.name, getattr(total, f.name) + v)
-        return total
+        return merge_metrics(a.metrics for a in self.agents.values())
 
     def metrics_text(self) -> str:
         return self.metrics().render(

@@ -7,7 +7,8 @@ agent (or emulated device) owns its own instance, so there is no process-global 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 
 from disco.scheduler.types import RequestOutcome
 
@@ -91,3 +92,18 @@ class AgentMetrics:
             out.append(f"{h}_bucket{{{lab}}} {cum}\n")
         out.append(f"{h}_sum{lb} {self.ttft_sum}\n{h}_count{lb} {self.ttft_count}\n")
         return "".join(out)
+
+
+def merge_metrics(parts: Iterable[AgentMetrics]) -> AgentMetrics:
+    """The sum of several agents' counters (a fleet, or an app over many devices)."""
+    total = AgentMetrics()
+    for m in parts:
+        for f in fields(AgentMetrics):
+            v = getattr(m, f.name)
+            if isinstance(v, list):
+                acc = getattr(total, f.name)
+                for i, x in enumerate(v):
+                    acc[i] += x
+            else:
+                setattr(total, f.name, getattr(total, f.name) + v)
+    return total

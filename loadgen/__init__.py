@@ -1,0 +1,9 @@
+"""Load generation: trace-driven and synthetic arrivals, prompts from real text, open-loop Locust
+replay with per-token measurement, and the reports (DESIGN.md section 2, ``loadgen/``).
+
+Modules: ``arrivals`` (when), ``prompts`` (what), ``schedule`` (to whom), ``pacer`` (open-loop
+timing), ``sse`` (parsing streams), ``locustfile`` (the users; runs only inside Locust's own
+process), ``runner`` (starts that process), ``records``/``report`` (results), ``replay`` (one run
+end to end), ``compare`` (simulator vs live), ``mock_server`` (a loopback SSE server for tests).
+Nothing here imports Ray, and nothing but ``locustfile`` imports Locust.
+"""

@@ -71,7 +71,9 @@ class ReplayRun:
 
 @events.init.add_listener
 def _on_init(environment: Environment, **_kw) -> None:
-    environment.disco_run = ReplayRun.from_env()  # type: ignore[attr-defined]
+    run = ReplayRun.from_env()
+    environment.disco_run = run  # type: ignore[attr-defined]
+    StreamingUser.network_timeout = run.spec.request_timeout_s  # before any user is spawned
 
 
 @events.test_start.add_listener
@@ -136,7 +138,7 @@ class StreamingUser(FastHttpUser):
 
     host = "http://127.0.0.1"  # required by Locust; every request names its target in full
     wait_time = constant(0)  # the pacer decides when to send
-    network_timeout = 120.0
+    network_timeout = 120.0  # replaced by the spec's request timeout at init
     connection_timeout = 10.0
     max_retries = 0  # a retry would hide a failure and shift the schedule
 

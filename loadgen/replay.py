@@ -38,6 +38,7 @@ class ReplayOptions:
     seed: int = 0
     html: bool = True
     plots: bool = True
+    nice: int = 0  # < 0: raise Locust's CPU priority (see run_locust)
     spin_s: float = 0.001  # see Pacer.spin_s (1 ms: sub-ms send error for ~5% of a core at 50/s)
 
 
@@ -115,7 +116,9 @@ def replay(
             last[0] = line
             say(line)
 
-    run = run_locust(spec, out, reqs, users=opts.users, on_progress=show, html=opts.html)
+    run = run_locust(
+        spec, out, reqs, users=opts.users, on_progress=show, html=opts.html, nice=opts.nice
+    )
     records = read_records(records_path)
     summary = {"label": opts.label, **summarize_records(records)}
     summary["scheduled"] = len(reqs)

@@ -71,8 +71,13 @@ def run_locust(
     on_progress: Callable[[dict], None] | None = None,
     progress_every_s: float = 2.0,
     html: bool = True,
+    nice: int = 0,
 ) -> RunResult:
-    """Replay ``reqs`` (already written to ``spec.schedule``) and wait for Locust to finish."""
+    """Replay ``reqs`` (already written to ``spec.schedule``) and wait for Locust to finish.
+
+    ``nice`` < 0 raises Locust's scheduling priority (needs the privilege to): on a machine
+    saturated by other work, a load generator that waits for a CPU sends late.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path = out_dir / "load_spec.json"
     spec.write(spec_path)
@@ -86,8 +91,9 @@ def run_locust(
     with open(out_dir / "locust.out", "w", encoding="utf-8") as out:
         # Own session: the terminal's Ctrl-C reaches only us, and we forward exactly one SIGINT.
         child = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
+        )  # fmt: skip
         interrupted = False
         try:
             _watch(child, Path(spec.progress), on_progress, progress_every_s)

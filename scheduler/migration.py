@@ -43,6 +43,8 @@ class MigrationConfig:
     # Overhead in money of one migration (the target's re-prefill is charged separately below).
     min_saving_usd: float = 0.0
     min_remaining_tokens: int = 8
+    # [R] keep a race's loser alive as the migration target (its prompt is already prefilled).
+    reuse_loser: bool = True
 
 
 def decode_cost_per_token(kind: EndpointKind, server: ServerProfile, device: DeviceProfile) -> float:
@@ -73,6 +75,24 @@ def migration_latency(
     return cfg.rtt_s + base + server.ttft_per_prompt_token_s * context_tokens + server.tbt_s
 
 
+def warm_latency(
+    target: EndpointKind,
+    new_tokens: float | np.ndarray,
+    server: ServerProfile,
+    device: DeviceProfile,
+    cfg: MigrationConfig,
+):
+    """t_m for a target that already holds the prompt: prefill the new text, one decode step."""
+    if target is EndpointKind.DEVICE:
+        return np.asarray(new_tokens, dtype=float) / device.prefill_tps + device.tbt_s
+    return cfg.rtt_s + server.ttft_per_prompt_token_s * np.asarray(new_tokens, dtype=float) + server.tbt_s
+
+
+def median_ttft(server: ServerProfile) -> float:
+    """A cheap central estimate of the server's TTFT (the live side has no better prior)."""
+    return _server_median_ttft(server)
+
+
 def _server_median_ttft(server: ServerProfile) -> float:
     if server.ttft_samples:
         s = sorted(server.ttft_samples)
@@ -90,11 +110,17 @@ def decide_migration(
     server: ServerProfile,
     device: DeviceProfile,
     cfg: MigrationConfig | None = None,
+    *,
+    target_prefilled: bool = False,
+    target_ready_s: float = 0.0,
 ) -> MigrationDecision:
     """Decide at first-token time (or later) whether and where to switch.
 
     ``generated_tokens``: tokens already produced by the winner when deciding; ``expected_remaining``:
     tokens still expected after those (estimated online by the caller when unknown).
+    ``target_prefilled``: [R] the target is the race's loser, still alive and prefilling the same
+    prompt (done in ``target_ready_s``): it then only has to take in the generated text, which
+    makes migrating after a race far cheaper than a cold start.
     """
     cfg = cfg or MigrationConfig()
     if rule is None or winner is not rule.from_kind:
@@ -102,7 +128,10 @@ def decide_migration(
     target = rule.target
     src_rate = server.tbt_s if winner is EndpointKind.SERVER else device.tbt_s
     ctx = prompt_tokens + generated_tokens
-    t_m = migration_latency(target, ctx, server, device, cfg)
+    if target_prefilled:
+        t_m = target_ready_s + warm_latency(target, generated_tokens, server, device, cfg)
+    else:
+        t_m = migration_latency(target, ctx, server, device, cfg)
     # Tokens the source still emits while the target prefills and the buffer must hold B tokens.
     tokens_during = math.ceil(t_m / src_rate)
     buffer_needed = math.ceil(cfg.read_tps * t_m)
@@ -118,7 +147,8 @@ def decide_migration(
         decode_cost_per_token(winner, server, device) - decode_cost_per_token(target, server, device)
     )
     # Overhead: the target re-prefills prompt + generated text.
-    overhead = (prompt_tokens + at_index) * prefill_cost_per_token(target, server, device)
+    reprefill = at_index if target_prefilled else prompt_tokens + at_index
+    overhead = reprefill * prefill_cost_per_token(target, server, device)
     net = saving - overhead
     if net <= cfg.min_saving_usd:
         return MigrationDecision(False, target, None, t_m, net, "saving below overhead")
@@ -143,9 +173,14 @@ def decide_migration_batch(
     server: ServerProfile,
     device: DeviceProfile,
     cfg: MigrationConfig | None = None,
+    target_prefilled: np.ndarray | None = None,
+    target_ready_s: np.ndarray | None = None,
 ) -> MigrationBatch:
     """Same arithmetic as :func:`decide_migration` (a test holds them equal), over arrays."""
     cfg = cfg or MigrationConfig()
+    n = np.asarray(prompt_tokens).size
+    warm = np.zeros(n, bool) if target_prefilled is None else np.asarray(target_prefilled, bool)
+    ready = np.zeros(n) if target_ready_s is None else np.asarray(target_ready_s, dtype=float)
     winner, target = rule.from_kind, rule.target
     src_rate = server.tbt_s if winner is EndpointKind.SERVER else device.tbt_s
     ctx = np.asarray(prompt_tokens, dtype=float) + generated_tokens
@@ -154,6 +189,7 @@ def decide_migration_batch(
     else:
         base = _server_median_ttft(server)
         t_m = cfg.rtt_s + base + server.ttft_per_prompt_token_s * ctx + server.tbt_s
+    t_m = np.where(warm, ready + warm_latency(target, generated_tokens, server, device, cfg), t_m)
     tokens_during = np.ceil(t_m / src_rate)
     buffer_needed = np.ceil(cfg.read_tps * t_m)
     lead_per_token = max(1e-9, 1.0 - cfg.read_tps * src_rate)
@@ -164,9 +200,8 @@ def decide_migration_batch(
         target, server, device
     )
     saving = moved * per_token
-    overhead = (np.asarray(prompt_tokens, dtype=float) + at_index) * prefill_cost_per_token(
-        target, server, device
-    )
+    reprefill = np.where(warm, at_index, np.asarray(prompt_tokens, dtype=float) + at_index)
+    overhead = reprefill * prefill_cost_per_token(target, server, device)
     net = saving - overhead
     migrate = (moved >= cfg.min_remaining_tokens) & (net > cfg.min_saving_usd)
     return MigrationBatch(migrate, at_index.astype(np.int64), t_m, net)

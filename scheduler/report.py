@@ -66,7 +66,7 @@ def plot_rows(rows: Sequence[dict], out_dir: Path, title: str = "", dpi: int = 1
 
     out_dir.mkdir(parents=True, exist_ok=True)
     policies = list(dict.fromkeys(r["policy"] for r in rows))
-    base_mig = False if any(r["migration"] is False for r in rows) else True
+    base_mig = not any(r["migration"] is False for r in rows)
     paths: list[Path] = []
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -94,7 +94,7 @@ def plot_rows(rows: Sequence[dict], out_dir: Path, title: str = "", dpi: int = 1
         ax.scatter([r["ttft_mean"] for r in rs], cost, marker=marker, s=14,
                    label=f"migration {'on' if mig else 'off'}")  # fmt: skip
     ax.set_xlabel("mean TTFT (s)")
-    ax.set_ylabel("server $ + device energy $ (trace total)")
+    ax.set_ylabel("server + device-energy cost, USD (trace)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
@@ -103,3 +103,29 @@ def plot_rows(rows: Sequence[dict], out_dir: Path, title: str = "", dpi: int = 1
     fig.savefig(paths[-1], dpi=dpi)
     plt.close(fig)
     return paths
+
+
+def claim_failures(
+    rows: Sequence[dict],
+    budgets: Sequence[float],
+    mean_tolerance: float = 0.10,
+    budget_slack: float = 0.02,
+) -> dict[float, list[str]]:
+    """The issue's claims per budget: DiSCo's P99 TTFT <= every baseline that stays within the
+    budget (budget_used <= b + slack; race or the constrained endpoint alone do not), and DiSCo's
+    mean TTFT within ``mean_tolerance`` of the oracle's. Returns the failures per budget."""
+    out: dict[float, list[str]] = {}
+    for b in budgets:
+        at = {r["policy"]: r for r in rows if r["budget"] == b and not r["migration"]}
+        d, fails = at["disco"], []
+        for name, r in at.items():
+            if name in ("disco", "oracle") or r["budget_used"] > b + budget_slack:
+                continue
+            if r["ttft_p99"] < d["ttft_p99"]:
+                fails.append(f"P99 {d['ttft_p99']:.3f} > {name} {r['ttft_p99']:.3f}")
+        if "oracle" in at:
+            gap = d["ttft_mean"] / at["oracle"]["ttft_mean"] - 1.0
+            if gap > mean_tolerance:
+                fails.append(f"mean {gap:+.1%} vs oracle")
+        out[b] = fails
+    return out

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .metrics import DEFAULT_EXPECTED_TTFT_S, DEFAULT_TDS, summarize_arrays, target_area
-from .migration import MigrationConfig, decide_migration_batch
+from .migration import MigrationConfig, decide_migration_batch, median_ttft, warm_latency
 from .policies import PolicyConfig, make_policy
 from .policies.common import NEVER, WindowPolicy, budget_guard_scan
 from .profiles import DeviceProfile, ServerProfile
@@ -141,22 +141,35 @@ def outcome_arrays(
         from_server = rule.from_kind is EndpointKind.SERVER
         cand = d.server_won if from_server else ~d.server_won
         if cand.any():
+            to_device = rule.target is EndpointKind.DEVICE
+            # [R] a race's loser that is the target keeps its prefilled prompt (MigrationConfig
+            # .reuse_loser): it is ready when its own first token would have come.
+            warm = (d.started_d if to_device else d.started_s) & mcfg.reuse_loser
+            t_target = (ds + world.device_ttft[idx]) if to_device else (ss + world.server_ttft[idx])
+            ready_true = np.where(warm, np.maximum(t_target - d.t0, 0.0), 0.0)
+            if to_device:
+                ready_est = ready_true  # device prefill is predictable
+            else:
+                ready_est = np.where(warm, np.maximum(median_ttft(server) - (d.t0 - ss), 0.0), 0.0)
             dec = decide_migration_batch(
-                rule, plen, 1, np.maximum(expected_out - 1.0, 0.0), server, device, mcfg
-            )
+                rule, plen, 1, np.maximum(expected_out - 1.0, 0.0), server, device, mcfg,
+                target_prefilled=warm, target_ready_s=ready_est,
+            )  # fmt: skip
             launched = cand & dec.migrate
             g_src = server.tbt_s if from_server else device.tbt_s
-            if rule.target is EndpointKind.DEVICE:
-                t_ready = np.asarray(device.ttft(plen + 1), dtype=float) + device.tbt_s
+            if to_device:
+                cold = np.asarray(device.ttft(plen + 1), dtype=float) + device.tbt_s
             else:
-                t_ready = (
+                cold = (
                     mcfg.rtt_s + world.server_ttft_migrate[idx]
                     + server.ttft_per_prompt_token_s * (plen + 1) + server.tbt_s
                 )  # fmt: skip
-            k = np.maximum(dec.at_index, np.ceil(t_ready / g_src).astype(np.int64))
+            t_m = np.where(warm, ready_true + warm_latency(rule.target, 1, server, device, mcfg), cold)
+            k = np.maximum(dec.at_index, np.ceil(t_m / g_src).astype(np.int64))
             migrated = launched & (k < n)
             switch = np.where(migrated, k, n)
-            target_prompt = np.where(launched, plen + np.where(migrated, k, 1), 0.0)
+            sent = np.where(migrated, k, 1)  # generated text the target took in
+            target_prompt = np.where(launched, np.where(warm, sent, plen + sent), 0.0)
     # Tokens: the winner makes [0, switch), the migration target [switch, n).
     s_first = np.where(d.server_won, switch, n - switch)
     d_first = n - s_first

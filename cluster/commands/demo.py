@@ -382,7 +382,11 @@ def _run_policies(cfg, policies, reqs, placeholders, opts, size, out):
             mine = [replace(r, target=mapping[r.target]) for r in reqs]
             popts = replace(opts, label=policy)
             res = replay(mine, out / policy, popts, say=lambda s: print("       " + s, flush=True))
-            dev = device_totals(ds)
+            try:
+                dev = device_totals(ds)
+            except Exception as e:  # noqa: BLE001 - e.g. actors gone after a Ctrl-C: keep the rest
+                say(f"device-side counters unavailable: {e!r}")
+                dev = {}
             seen[policy] = dev
             runs[policy] = res.records
             rows.append(_row(policy, cfg.scheduler.budget, res.summary, dev, res.run.interrupted))
@@ -440,8 +444,8 @@ def _row(policy: str, budget: float, s: dict, dev: dict, interrupted: bool) -> d
         "policy": policy, "budget": budget, "requests": s["requests"], "errors": s["errors"],
         "ttft_mean": s["ttft_mean"], "ttft_p50": s["ttft_p50"], "ttft_p99": s["ttft_p99"],
         "tbt_p99": s["tbt_p99"], "qoe_mean": s["qoe_mean"],
-        "server_cost": dev["server_cost_usd"], "device_energy_j": dev["device_energy_j"],
-        "budget_used": dev["budget_used"], "migrations": dev["migrations"],
+        "server_cost": dev.get("server_cost_usd"), "device_energy_j": dev.get("device_energy_j"),
+        "budget_used": dev.get("budget_used"), "migrations": dev.get("migrations"),
         "interrupted": interrupted,
     }  # fmt: skip
 
@@ -457,21 +461,45 @@ def _report(rows, runs, reqs, policies, args, size, engine, out, devices_seen) -
     print()
     if runs:
         write_plots(runs, out)
-    comparison = _sim_vs_live(rows, runs, reqs, policies, args, out)
+    comparison, sim_md = _sim_vs_live(rows, runs, reqs, policies, args)
+    (out / "sim_vs_live.md").write_text(sim_md)
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    cfg = {
+        "policies": policies, "budget": args.budget, "regime": args.regime,
+        "quick": bool(args.quick), "server_engine": engine, "size": asdict(size),
+        "trace": "azure_llm_2023_conv (shipped)", "trace_start_s": args.start, "seed": args.seed,
+    }  # fmt: skip
     write_json(out / "summary.json", {
-        "rows": [{k: r[k] for k in ROW_KEYS} for r in rows],
-        "config": {
-            "policies": policies, "budget": args.budget, "regime": args.regime,
-            "quick": bool(args.quick), "server_engine": engine, "size": asdict(size),
-            "trace": "azure_llm_2023_conv (shipped)", "trace_start_s": args.start, "seed": args.seed,
-        },
-        "device_side": devices_seen,
-        "sim_vs_live": comparison,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rows": [{k: r[k] for k in ROW_KEYS} for r in rows], "config": cfg,
+        "device_side": devices_seen, "sim_vs_live": comparison, "date": date, "machine": _machine(),
     })  # fmt: skip
+    md = [
+        f"# `disco demo{' --quick' if args.quick else ''}`",
+        "",
+        f"{date}, {_machine()}. Server replica: {engine} ({SERVER_MODEL if engine != 'emulated' else 'gpt-4o-mini profile'}); "
+        f"devices: {'one real llama.cpp agent (' + DEVICE_MODEL + ') + ' if not args.no_agent else ''}"
+        f"{size.devices} emulated; {len(reqs)} requests per policy from {size.duration_s:g} s of "
+        f"the Azure conversation trace (offset {args.start:g} s) thinned to {size.rate:g}/s, "
+        f"prompt lengths x{size.prompt_scale:g} (cap {size.max_prompt_tokens}), outputs capped at "
+        f"{size.max_tokens} tokens; budget {args.budget:g}, {args.regime}-constrained.",
+        "TTFT/TBT/QoE: client side (Locust); server cost, device energy, migrations: the devices' "
+        "counters; budget used: the devices' outcome reports, as the scheduler's ledger sums them.",
+        "",
+        table(rows, cols, markdown=True),
+        "",
+        sim_md.replace("# Simulator", "## Simulator", 1),
+    ]  # fmt: skip
+    (out / "demo.md").write_text("\n".join(md))
 
 
-def _sim_vs_live(rows, runs, reqs, policies, args, out) -> list[dict[str, Any]]:
+def _machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def _sim_vs_live(rows, runs, reqs, policies, args) -> tuple[list[dict[str, Any]], str]:
     from disco.cluster.config import SchedulerConfig
     from disco.loadgen import compare
     from disco.loadgen.report import table
@@ -500,7 +528,7 @@ def _sim_vs_live(rows, runs, reqs, policies, args, out) -> list[dict[str, Any]]:
         f"({args.budget:g}, {args.regime}-constrained). `sim (configured)`: the profiles the "
         f"scheduler planned with ({sc.server_profile}, {sc.device_profile}); `sim (calibrated)`: "
         "server TTFTs/gaps from the live server-only run, device TTFT line and decode speed "
-        "from the live device-only run.",
+        "from the live device-only run (when both ran).",
         "",
         table(sbs, cols, markdown=True),
         "",
@@ -509,10 +537,9 @@ def _sim_vs_live(rows, runs, reqs, policies, args, out) -> list[dict[str, Any]]:
         *[f"- {e}" for e in compare.EXPLANATIONS],
         "",
     ]
-    (out / "sim_vs_live.md").write_text("\n".join(text))
     print(table(sbs, cols))
     print()
-    return sbs
+    return sbs, "\n".join(text)
 
 
 def say(msg: str) -> None:

@@ -159,6 +159,12 @@ def _cv(xs: list[float]) -> float | None:
     return statistics.pstdev(xs) / statistics.fmean(xs)
 
 
+def _threads(endpoint: Any) -> str:
+    cfg = getattr(endpoint, "config", None)
+    threads = getattr(cfg, "threads", None)
+    return f", {threads()} threads" if callable(threads) else ""
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -263,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
         measured=True,
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         machine=machine(),
-        engine=f"{args.endpoint} ({endpoint.name})",
+        engine=f"{args.endpoint} ({endpoint.name}{_threads(endpoint)})",
         model=Path(model).name if model else "",
         samples=[asdict(s) for s in samples],
     )

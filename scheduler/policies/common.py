@@ -20,6 +20,7 @@ import numpy as np
 
 from ..profiles import DeviceProfile, ServerProfile
 from ..types import EndpointKind, MigrationRule, Plan, Regime, Request, RequestOutcome
+from .base import PolicyConfig
 
 NEVER = math.nan  # start time of an endpoint that does not start
 DEFAULT_OUTPUT_TOKENS = 128.0  # output-length prior before any observation (our assumption)
@@ -133,7 +134,7 @@ class WindowPolicy:
     name = ""
     uses_budget = False
 
-    def __init__(self, config, server: ServerProfile, device: DeviceProfile) -> None:
+    def __init__(self, config: PolicyConfig, server: ServerProfile, device: DeviceProfile) -> None:
         self.config = config
         self.server = server
         self.device = device
@@ -201,6 +202,8 @@ class WindowPolicy:
             ss, ds = self.unconstrained_only(1)
         s, d = float(ss[0]), float(ds[0])
         self._pending[request.id] = (s, d)
+        if len(self._pending) > 4 * self.config.window:  # reports lost live: forget the oldest
+            self._pending.pop(next(iter(self._pending)))
         return Plan(
             request_id=request.id,
             server_start=None if math.isnan(s) else s,

@@ -8,8 +8,11 @@ paper-notes.md [N] gives the shapes; the concrete algorithms here are OUR recons
   produced its first token by then. w is a table over prompt-length buckets of the window, chosen
   in two stages: (1) tail protection: the smallest TTFT target X such that rescuing the cheapest
   buckets (device wait X - T_d(l_max)) leaves at most (1 - tail_quantile) of requests exposed to a
-  server TTFT above X, within the budget; (2) average optimisation: a greedy over (bucket, wait)
-  moves by mean-TTFT gain per budget token, which favours short prompts. The server TTFT
+  server TTFT above X, within the budget; then, budget permitting, every bucket rescuable at X,
+  at the lower level X * (1 - tail_robust) (window noise makes X optimistic); (2) average
+  optimisation: per bucket, the wait (no longer than stage 1's) minimising mean + mu * cost, with
+  the multiplier mu fitted to the budget, then a greedy fill of what is left by mean-TTFT gain
+  per budget token (this favours short prompts). The server TTFT
   distribution is a Kaplan-Meier estimate over the window (a server cancelled by a device win only
   says "slower than this"); the device TTFT is the profile's a + c*l.
 - Budget feedback: every recompute, b_eff = b + deficit / (feedback_horizon periods' worth of
@@ -25,12 +28,12 @@ from .base import POLICIES
 from .baselines import length_threshold
 from .common import NEVER, KaplanMeier, WindowPolicy
 
-import os
-LENGTH_BUCKETS = int(os.environ.get('NB', '16'))
+LENGTH_BUCKETS = 16
+# Lagrange multipliers tried (seconds of mean TTFT per prompt token), 0 first.
+MU_GRID = np.concatenate(([0.0], np.logspace(-9, 3, 96)))
 WAIT_GRID = 40
 MIN_SERVER_SAMPLES = 20
 REPRESENTATIVES = 8
-TAIL_TIE = float(os.environ.get('TT','0.005'))  # predicted tails this close count as equal
 
 
 class DiSCo(WindowPolicy):
@@ -57,6 +60,8 @@ class DiSCo(WindowPolicy):
         return float(np.clip(b + deficit / horizon, 0.0, 1.0))
 
     def _recompute(self) -> None:
+        if self.budget <= 0.0 or self.budget >= 1.0:
+            return  # _decide never looks at the learned state then
         self.b_eff = self._effective_budget()
         w = self.window.view()
         if self.constrained is EndpointKind.SERVER:
@@ -166,8 +171,8 @@ class DiSCo(WindowPolicy):
                 waits[cand[take]] = robust[take]
 
         # Stage 2, average optimisation: per bucket, pick the wait minimising mean + mu * cost
-        # among waits no longer than a ceiling (the tail stage's), mu bisected to fit the budget,
-        # then fill what the Lagrangian leaves between hull points greedily.
+        # among waits no longer than the tail stage's, with the smallest mu (from a log grid) that
+        # fits the budget, then fill what the Lagrangian leaves between hull points greedily.
         grid = np.unique(np.concatenate(([0.0], quant(np.linspace(0, 0.995, WAIT_GRID)))))
         g = grid.size
         choice_w = np.concatenate(
@@ -184,20 +189,11 @@ class DiSCo(WindowPolicy):
         def optimise(ceiling: np.ndarray) -> np.ndarray:
             allowed_col = choice_w <= ceiling[:, None]
 
-            def pick(mu: float) -> np.ndarray:
-                return np.argmin(np.where(allowed_col, mean + mu * cost, np.inf), axis=1)
-
-            sel = pick(0.0)
-            if cost[rows, sel].sum() > budget:
-                lo, hi = -12.0, 4.0  # log10 of mu, seconds per prompt token
-                sel = pick(10.0**hi)
-                for _ in range(30):
-                    mid = 0.5 * (lo + hi)
-                    s = pick(10.0**mid)
-                    if cost[rows, s].sum() <= budget:
-                        hi, sel = mid, s
-                    else:
-                        lo = mid
+            # All multipliers at once: the smallest mu on a log grid whose choice fits.
+            obj = np.where(allowed_col[None], mean[None] + MU_GRID[:, None, None] * cost[None], np.inf)
+            sels = np.argmin(obj, axis=2)  # (mu, nb)
+            fits = cost[rows[None, :], sels].sum(axis=1) <= budget
+            sel = sels[int(np.argmax(fits))] if fits.any() else sels[-1]
             left = budget - float(cost[rows, sel].sum())
             for _ in range(2 * nb):
                 dc = cost - cost[rows, sel][:, None]
@@ -212,26 +208,7 @@ class DiSCo(WindowPolicy):
                 sel[j] = c
             return sel
 
-        def predicted_tail(sel: np.ndarray) -> float:
-            """Model P_q of TTFT: the smallest x whose exposure is within the allowed mass."""
-            wv = choice_w[rows, sel]
-            slow = (wv[None, :, None] + rep_td[None, :, :]) > xs[:, None, None]  # (X, nb, R)
-            exposure = s_x * (slow.mean(axis=2) * count[None, :]).sum(axis=1)
-            ok_x = exposure <= allowed
-            return float(xs[int(np.argmax(ok_x))]) if ok_x.any() else np.inf
-
-        # [R] Candidates: tail first (the paper's order), mean only, and racing the shortest
-        # buckets (a plain length split is a point of this search space too); keep the one with
-        # the lowest predicted tail, the lowest predicted mean among near-ties.
-        race_short = np.full(nb, np.inf)
-        race_short[: int(np.searchsorted(np.cumsum(lsum), budget, side="right"))] = 0.0
-        cands = [optimise(waits), optimise(np.full(nb, np.inf)), optimise(race_short)]
-        tails = np.array([predicted_tail(c) for c in cands])
-        means = np.array([mean[rows, c].sum() for c in cands])
-        if os.environ.get("DBG"):
-            print(np.round(tails, 3), np.round(means / n, 4))
-        near = tails <= tails.min() * (1.0 + TAIL_TIE)
-        best = cands[int(np.argmin(np.where(near, means, np.inf)))]
+        best = optimise(waits)
         self.edges, self.waits = edges, choice_w[rows, best]
 
 

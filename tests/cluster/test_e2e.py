@@ -172,3 +172,46 @@ def test_emulated_fleet_streams_through_serve_with_the_scheduler(testbed):
         assert o["error"] is None, o["error"]
         assert len(o["token_times"]) == 12
     assert len(testbed.fleets) == 2
+
+
+def test_disco_agent_process_plans_with_the_cluster_scheduler(testbed):
+    """`disco agent --scheduler ADDRESS`: an agent outside Ray's workers (as on an edge box) that
+    joins the cluster for plans and streams from the server over HTTP."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from disco.cluster.runtime import free_port
+
+    _set_policy(testbed, "race")
+    before = ray.get(testbed.scheduler.stats.remote())["plans"]
+    port = free_port()
+    address = ray.get_runtime_context().gcs_address
+    cmd = [
+        sys.executable, "-m", "disco.cluster.cli", "agent", "--server", testbed.server_url,
+        "--model", "smollm2-135m", "--threads", "1", "--scheduler", address,
+        "--namespace", testbed.config.ray.namespace, "--port", str(port),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("DISCO_API_KEY", "RAY_ADDRESS")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # bounded: Ray connect + model load
+            if proc.poll() is not None:
+                pytest.fail(f"disco agent exited: {proc.stdout.read().decode()[-3000:]}")
+            try:
+                httpx.get(f"{url}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        chunks, done = _stream(url, 10)
+        _assert_one_ordered_stream(chunks, done)
+        assert ray.get(testbed.scheduler.stats.remote())["plans"] > before
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

@@ -43,9 +43,12 @@ def server(cluster):
     return server_url(cfg, cluster), handle
 
 
-def _sse_events(url: str, body: dict) -> tuple[list[dict], bool]:
+def _sse_events(url: str, body: dict, headers: dict | None = None) -> tuple[list[dict], bool]:
     chunks, done = [], False
-    with httpx.Client(timeout=30) as c, c.stream("POST", f"{url}/v1/completions", json=body) as r:
+    with (
+        httpx.Client(timeout=30, headers=headers) as c,
+        c.stream("POST", f"{url}/v1/completions", json=body) as r,
+    ):
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
@@ -141,26 +144,38 @@ async def test_handle_generate_streams_chunks(server):
     assert bad[0]["status"] == 400
 
 
-def test_stream_batching_on_still_delivers_every_token(cluster):
+def test_client_disconnect_cancels_the_engine(server):
+    url, handle = server
+    before = handle.engine_stats.remote().result()
+    body = {"prompt": "Hi", "max_tokens": 2000, "stream": True}
+    with httpx.Client(timeout=30) as c, c.stream("POST", f"{url}/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        got = [ln for ln in (next(lines) for _ in range(6)) if ln.startswith("data: ")]
+        assert got  # a few tokens arrived, then the client goes away mid-stream
+    for _ in range(200):  # bounded wait for the replica to see the disconnect
+        after = handle.engine_stats.remote().result()
+        if after["cancelled"] > before["cancelled"]:
+            break
+        time.sleep(0.05)
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["active"] == 0 and after["tokens"] - before["tokens"] < 2000
+
+
+def test_batched_app_with_api_key(cluster):
+    """A second app: Serve-LLM-style stream batching on (20 ms) and an API key required."""
     cfg = ServerConfig(
-        engine="emulated",
-        engine_kwargs=FAST_SERVER,
-        num_cpus=0.1,
-        app_name="batched",
-        route_prefix="/batched",
-        stream_batching_interval_ms=20,
-    )
+        engine="emulated", engine_kwargs=FAST_SERVER, num_cpus=0.1, app_name="batched",
+        route_prefix="/batched", stream_batching_interval_ms=20, api_key="sesame",
+    )  # fmt: skip
     deploy_server(cfg)
+    url = server_url(cfg, cluster)
+    body = {"prompt": "Hi", "max_tokens": 15, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
     try:
-        chunks, done = _sse_events(
-            server_url(cfg, cluster),
-            {
-                "prompt": "Hi",
-                "max_tokens": 15,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            },
-        )
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        chunks, done = _sse_events(url, body, {"Authorization": "Bearer sesame"})
         assert done
         assert [c["disco"]["index"] for c in chunks[:-1]] == list(range(15))
         assert chunks[-1]["usage"]["completion_tokens"] == 15

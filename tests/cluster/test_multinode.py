@@ -66,3 +66,44 @@ def test_server_replicas_and_fleets_land_on_their_nodes(three_nodes):
     finally:
         tb.shutdown()
     assert not ray.is_initialized()
+
+
+def test_disco_serve_deploys_onto_the_running_cluster(three_nodes, tmp_path, capsys):
+    from disco.cluster.cli import main
+    from disco.cluster.runtime import free_port
+
+    cluster, server_node, _ = three_nodes
+    assert not ray.is_initialized()
+    port = free_port()
+    cfg = tmp_path / "testbed.yaml"
+    cfg.write_text(
+        "ray: {namespace: disco-cli}\n"
+        "server:\n"
+        "  engine: emulated\n"
+        "  engine_kwargs: {profile: gpt-4o-mini, time_scale: 0.02}\n"
+        "  num_cpus: 0.1\n"
+        "  resources: {disco_server: 1}\n"
+        f"  http: {{port: {port}}}\n"
+        "scheduler: {policy: race, actor_name: cli-scheduler}\n"
+    )
+    assert main(["serve", "--config", str(cfg), "--address", cluster.address]) == 0
+    out = capsys.readouterr().out
+    assert f"http://127.0.0.1:{port}/v1/completions" in out
+    assert not ray.is_initialized()  # the command disconnected; what it deployed stays up
+    health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
+    assert health["node_id"] == server_node
+    r = httpx.post(
+        f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 3},
+        timeout=30,
+    )  # fmt: skip
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    ray.init(address=cluster.address, namespace="disco-cli", log_to_driver=False)
+    try:
+        sched = ray.get_actor("cli-scheduler", namespace="disco-cli")  # detached, still there
+        assert ray.get(sched.stats.remote())["policy"] == "race"
+        ray.kill(sched)
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()

@@ -5,6 +5,7 @@ Timing margins are wide (10x or more) so that outcomes depend on the script, not
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from dataclasses import replace
@@ -252,6 +253,42 @@ async def test_no_first_token_in_time_starts_the_hedge():
     ex, events, o = await run(coord, Plan("r1", 0.0, 30.0))
     assert_exactly_once(events, 20)
     assert o.first_token_from is D and "first token" in ex.failures[0]
+
+
+async def test_silent_sole_stream_before_first_token_fails_over():
+    coord, server, device = make(
+        Script(stall_after=0), Script(ttft=FAST), first_token_timeout_s=0.1
+    )
+    ex, events, o = await run(coord, Plan("r1", 0.0, None))
+    assert_exactly_once(events, 20)
+    assert o.first_token_from is D and ex.failovers == 1
+
+
+async def test_slow_but_steady_stream_is_not_a_stall():
+    # 20 tokens 30 ms apart outlast the 100 ms stall limit several times over.
+    coord, server, device = make(Script(ttft=FAST, tbt=0.03), Script(), stall_timeout_s=0.1)
+    ex, events, o = await run(coord, Plan("r1", 0.0, None))
+    assert {e.source for e in events} == {S} and ex.failures == [] and device.calls == []
+
+
+async def test_cancelling_the_consumer_is_not_taken_for_a_stall():
+    coord, server, device = make(
+        Script(ttft=FAST, tbt=0.05, length=100), Script(), stall_timeout_s=0.2
+    )
+    ex = coord.execute(request(), GEN, Plan("r1", 0.0, None))
+    got = []
+
+    async def consume():
+        async for ev in ex:
+            got.append(ev)
+
+    task = asyncio.get_running_loop().create_task(consume())
+    while len(got) < 3:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ex.cancelled and ex.failures == [] and device.calls == []
 
 
 async def test_max_tokens_caps_the_stream():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 
+import pytest
 from disco.device_agents.fleet import EmulatedFleet, FleetConfig
 from disco.device_agents.local_planner import StaticPlanner
 from disco.device_agents.network import NetworkConfig
@@ -95,3 +97,15 @@ async def test_stream_yields_dicts_in_order():
     got = [ev async for ev in fleet.stream("emu-1", "hi there", 10)]
     assert [e["index"] for e in got] == list(range(10)) and got[-1]["finish_reason"] == "length"
     await fleet.close()
+
+
+def test_fleet_config_crosses_process_boundaries():
+    cfg = FleetConfig(n_devices=3, **FAST)
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+
+
+def test_bad_fleet_config_is_refused():
+    with pytest.raises(ValueError):
+        FleetConfig(n_devices=0)
+    with pytest.raises(ValueError):
+        FleetConfig(device_profiles=())

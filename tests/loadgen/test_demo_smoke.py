@@ -3,6 +3,7 @@ agent, emulated fleet, scheduler actor, Locust) with two policies, a few request
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ray")
-pytest.importorskip("llama_cpp")
-pytest.importorskip("locust")
+# Looked up, not imported: importing Locust here would monkey-patch pytest's process with gevent.
+_MISSING = [m for m in ("ray", "llama_cpp", "locust") if importlib.util.find_spec(m) is None]
+pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f"needs {', '.join(_MISSING)}")
 
 ROW_KEYS = {"policy", "budget", "requests", "errors", "ttft_mean", "ttft_p50", "ttft_p99",
             "tbt_p99", "qoe_mean", "server_cost", "device_energy_j", "budget_used", "migrations"}  # fmt: skip

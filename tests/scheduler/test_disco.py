@@ -2,9 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from disco.scheduler.policies import PolicyConfig, make_policy
 from disco.scheduler.policies.baselines import length_threshold
 from disco.scheduler.policies.common import KaplanMeier, Window, budget_guard_scan
@@ -12,6 +9,8 @@ from disco.scheduler.profiles import DEVICE_PROFILES, SERVER_PROFILES
 from disco.scheduler.simulator import SimSettings, World, evaluate, run_batch, summarize_outcomes
 from disco.scheduler.traces import default_trace_path, load_trace
 from disco.scheduler.types import Regime, Request
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def test_kaplan_meier_without_and_with_censoring() -> None:

@@ -5,9 +5,6 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from disco.scheduler.metrics import qoe, summarize
 from disco.scheduler.policies import POLICIES, PolicyConfig, make_policy
 from disco.scheduler.profiles import DEVICE_PROFILES, SERVER_PROFILES
@@ -25,6 +22,8 @@ from disco.scheduler.simulator import (
     token_times,
 )
 from disco.scheduler.types import EndpointKind, Regime
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 NAN = math.nan
 
@@ -142,6 +141,21 @@ def test_migration_cuts_server_cost_without_stalls() -> None:
         if o.migrated_at is not None:
             assert o.token_sources[o.migrated_at] is EndpointKind.DEVICE
             assert o.device_prompt_tokens == o.prompt_tokens + o.migrated_at  # re-prefill charged
+
+
+def test_race_loser_becomes_the_migration_target() -> None:
+    rng = np.random.default_rng(2)
+    from disco.scheduler.traces import TraceRecord
+
+    recs = [TraceRecord(float(i), int(p), 600) for i, p in enumerate(rng.integers(200, 2000, 200))]
+    w = World.build(recs, SERVER_PROFILES.get("command"), DEVICE_PROFILES.get("xiaomi14-qwen0.5b"), 0)
+    outs = run_scalar(make_policy("race", _cfg(Regime.SERVER_CONSTRAINED, 1.0, True), w.server, w.device), w)
+    warm = [o for o in outs if o.migrated_at is not None and o.first_token_from is EndpointKind.SERVER]
+    assert len(warm) > 100
+    for o in warm:
+        # Prompt prefilled once in the race, then only the generated text before the switch.
+        assert o.device_prompt_tokens == o.prompt_tokens + o.migrated_at
+        assert o.server_output_tokens == o.migrated_at
 
 
 def test_sweep_is_deterministic_per_seed(azure_head) -> None:

@@ -1,0 +1,69 @@
+"""`disco agent` as a real process: the official OpenAI client streams a completion from it.
+
+No Ray here: the agent runs a local policy (``device-only``), so llama.cpp answers alone and the
+server URL is never contacted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("llama_cpp")
+openai = pytest.importorskip("openai")
+
+from disco.cluster.runtime import free_port  # noqa: E402
+from disco.device_agents.models import ModelUnavailableError, resolve_model  # noqa: E402
+
+
+@pytest.fixture
+def agent_url():
+    try:
+        resolve_model("smollm2-135m")
+    except ModelUnavailableError as e:
+        pytest.skip(str(e))
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "disco.cluster.cli", "agent", "--server", "http://127.0.0.1:9",
+        "--model", "smollm2-135m", "--threads", "1", "--policy", "device-only",
+        "--port", str(port), "--api-key", "k3y",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "DISCO_API_KEY"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):  # bounded: ~30 s for the model load and the bind
+            if proc.poll() is not None:
+                pytest.fail(f"disco agent exited: {proc.stdout.read().decode()[-2000:]}")
+            try:
+                httpx.get(f"{url}/health", timeout=1, headers={"Authorization": "Bearer k3y"})
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_openai_client_streams_from_disco_agent(agent_url):
+    client = openai.OpenAI(base_url=f"{agent_url}/v1", api_key="k3y")
+    stream = client.completions.create(
+        model="disco", prompt="The capital of France is", max_tokens=8, stream=True
+    )
+    texts = [c.choices[0].text for c in stream]
+    assert 1 <= len(texts) <= 8 and "".join(texts).strip()
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{agent_url}/v1", api_key="wrong").completions.create(
+            model="disco", prompt="x", max_tokens=2
+        )
