@@ -82,6 +82,14 @@ def _runq_wait_s() -> float:
         return float("nan")
 
 
+def _cpu_pressure() -> float:
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return float(f.readline().split()[1].split("=")[1])
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 @dataclass
 class RunResult:
     streams: int
@@ -96,6 +104,7 @@ class RunResult:
     cpu_us_per_token: float
     load1: float  # 1-minute load average at the end (the box is shared)
     runq_wait_ms: float  # time the benchmark was runnable but not running (other processes)
+    cpu_pressure: float  # Linux PSI "some" avg10 (%) at the end: how contended the box was
 
 
 async def shard_run(streams: int, tokens: int, spread: float, profile: str, seed: int) -> Shard:
@@ -166,7 +175,7 @@ def one_run(streams: int, procs: int, tokens: int, spread: float, profile: str, 
         float(np.percentile(e, 50)), float(np.percentile(e, 99)), float(e.max()),
         sum(s.failed for s in shards), max(s.wall_s for s in shards),
         sum(s.cpu_s for s in shards) / max(1, e.size) * 1e6, os.getloadavg()[0],
-        max(s.runq_wait_s for s in shards) * 1e3,
+        max(s.runq_wait_s for s in shards) * 1e3, _cpu_pressure(),
     )  # fmt: skip
 
 
@@ -208,7 +217,7 @@ def main() -> None:
                 f"tokens={r.tokens} p50={r.p50_ms:.2f}ms p99={r.p99_ms:.2f}ms "
                 f"max={r.max_ms:.1f}ms failed={r.failed} wall={r.wall_s:.1f}s "
                 f"cpu={r.cpu_us_per_token:.1f}us/token load={r.load1:.2f} "
-                f"runq_wait={r.runq_wait_ms:.0f}ms",
+                f"runq_wait={r.runq_wait_ms:.0f}ms psi={r.cpu_pressure:.0f}%",
                 flush=True,
             )
             runs.append(r)
@@ -233,11 +242,12 @@ def write_table(rows, args, floor: dict[str, float]) -> None:
         f"Median of {args.runs} runs (each run: every token of every stream). The box is shared:",
         "run-queue wait is the time the benchmark process was runnable but other processes held",
         "the CPUs (Linux schedstat); the least disturbed run is the one with the least such wait.",
+        "CPU pressure: Linux PSI `some avg10`, the share of time some task waited for a CPU.",
         "",
         "| device profile (decode tok/s) | streams | processes | peak concurrent | tokens/run "
         "| P50 error (ms) | P99 error (ms) | max (ms) | P99 of the least disturbed run (ms) "
-        "| run-queue wait (ms) | CPU per token (us) | failed | load avg |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run-queue wait (ms) | CPU per token (us) | failed | load avg | CPU pressure (%) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for profile, n, procs, runs in rows:
         tps = load_profile(profile, "device").decode_tps
@@ -248,7 +258,7 @@ def write_table(rows, args, floor: dict[str, float]) -> None:
             f"| {med(r.p99_ms for r in runs):.2f} | {med(r.max_ms for r in runs):.1f} "
             f"| {quiet.p99_ms:.2f} | {med(r.runq_wait_ms for r in runs):.0f} "
             f"| {med(r.cpu_us_per_token for r in runs):.1f} | {sum(r.failed for r in runs)} "
-            f"| {med(r.load1 for r in runs):.1f} |"
+            f"| {med(r.load1 for r in runs):.1f} | {med(r.cpu_pressure for r in runs):.0f} |"
         )
     split = ", ".join(f"`{p}` {v:.1f} us" for p, v in floor.items())
     lines += [

@@ -83,6 +83,41 @@ def server_url(cfg: ServerConfig, port: int) -> str:
     return f"http://{cfg.http.host}:{port}{prefix}"
 
 
+def check_capacity(cfg: TestbedConfig) -> None:
+    """Refuse a config the cluster cannot place, instead of waiting forever for replicas.
+
+    CPU is summed over what starts at once (replicas or min_replicas, fleet actors, the agent,
+    the scheduler); a custom resource must be offered by some node at all.
+    """
+    import math
+
+    import ray
+    from disco.cluster.config import ConfigError
+
+    have = ray.cluster_resources()
+    s, f, a = cfg.server, cfg.fleet, cfg.agent
+    replicas = s.autoscaling.min_replicas if s.autoscaling is not None else s.num_replicas
+    n_fleets = math.ceil(f.devices / f.devices_per_actor) if f.devices else 0
+    need = replicas * s.num_cpus + n_fleets * f.num_cpus + cfg.scheduler.num_cpus
+    need += a.num_cpus if a.enabled else 0.0
+    if need > have.get("CPU", 0.0) + 1e-9:
+        raise ConfigError(
+            f"the testbed needs {need:g} CPUs at start (server {replicas} x {s.num_cpus:g}, "
+            f"{n_fleets} fleet actors x {f.num_cpus:g}, agent {a.num_cpus if a.enabled else 0:g}, "
+            f"scheduler {cfg.scheduler.num_cpus:g}) but the Ray cluster has "
+            f"{have.get('CPU', 0.0):g}: lower num_cpus in the config or raise ray.num_cpus"
+        )
+    for section, res in (("server", s.resources), ("fleet", f.resources),
+                         ("scheduler", cfg.scheduler.resources),
+                         ("agent", a.resources if a.enabled else {})):  # fmt: skip
+        for name in res:
+            if name not in have:
+                raise ConfigError(
+                    f"{section}.resources asks for {name!r} but no Ray node offers it "
+                    f"(start nodes with --resources '{{\"{name}\": N}}')"
+                )
+
+
 @dataclass
 class Testbed:
     __test__ = False  # not a pytest test class
@@ -104,6 +139,7 @@ class Testbed:
         owns = connect_ray(cfg)
         tb: Testbed | None = None
         try:
+            check_capacity(cfg)
             port = start_serve(cfg.server)
             scheduler = start_scheduler(cfg.scheduler)
             handle = deploy_server(cfg.server)

@@ -51,12 +51,6 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown_table(rows: Sequence[dict], cols: Sequence[tuple[str, str]] = TABLE_COLS) -> str:
-    out = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
-    out += ["| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |" for r in rows]
-    return "\n".join(out)
-
-
 def plot_rows(rows: Sequence[dict], out_dir: Path, title: str = "", dpi: int = 100) -> list[Path]:
     """TTFT (mean, P99) against budget per policy; cost against mean TTFT, migration on/off."""
     import matplotlib
@@ -76,7 +70,8 @@ def plot_rows(rows: Sequence[dict], out_dir: Path, title: str = "", dpi: int = 1
                         key=lambda r: r["budget"])  # fmt: skip
             ax.plot([r["budget"] for r in rs], [r[key] for r in rs], marker="o", ms=3, label=p)
         ax.set_xlabel("budget b")
-        ax.set_ylabel(label)
+        ax.set_ylabel(label + ", log scale")
+        ax.set_yscale("log")  # device-only sits far above the rest
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)

@@ -40,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     address = args.address or cfg.ray.address or os.environ.get("RAY_ADDRESS") or "auto"
 
+    from dataclasses import replace
+
     import ray
-    from disco.cluster.runtime import deploy_server, server_url, start_serve
+    from disco.cluster.runtime import check_capacity, deploy_server, server_url, start_serve
     from disco.cluster.scheduler_actor import start_scheduler
 
     try:
@@ -52,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
             "or pass --address"
         ) from None
     try:
+        try:
+            check_capacity(replace(cfg, fleet=replace(cfg.fleet, devices=0),
+                                   agent=replace(cfg.agent, enabled=False)))  # fmt: skip
+        except ConfigError as e:
+            raise CliError(str(e)) from None
         port = start_serve(cfg.server)
         if not args.no_scheduler:
             start_scheduler(cfg.scheduler, fresh=False, detached=True)

@@ -271,3 +271,19 @@ async def test_requests_keep_flowing_through_a_scheduler_restart(cluster):
         assert stats["restores"] == 1 and stats["ledger"]["requests"] == 3
     finally:
         ray.kill(actor, no_restart=True)
+
+
+@pytest.mark.parametrize(
+    "server,needle",
+    [
+        (ServerConfig(num_replicas=10, num_cpus=1.0), "needs 10 CPUs"),
+        (ServerConfig(resources={"disco_server": 1}), "no Ray node offers it"),
+    ],
+)
+def test_testbed_refuses_what_the_cluster_cannot_place(cluster, server, needle):
+    from disco.cluster.config import ConfigError, TestbedConfig
+    from disco.cluster.runtime import Testbed
+
+    with pytest.raises(ConfigError, match=needle):
+        Testbed.start(TestbedConfig(server=server))
+    assert ray.is_initialized()  # it did not own Ray, so it left it running

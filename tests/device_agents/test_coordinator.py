@@ -161,6 +161,20 @@ async def test_buffer_rule_holds_migration_while_the_reader_keeps_up():
     assert o.migrated_at is None and device.calls == []
 
 
+async def test_a_target_slower_than_the_buffer_is_abandoned_without_a_stall():
+    # A fast reader (50 tok/s) drains the buffer in ~0.1 s; the device needs 0.5 s to start.
+    server = ScriptedEndpoint(S, Script(ttft=FAST, length=100))
+    device = ScriptedEndpoint(D, Script(ttft=0.5))
+    sp, dp = cheap_device_profiles()
+    cfg = CoordinatorConfig(migration=MigrationConfig(rtt_s=0.005, read_tps=50.0))
+    coord = Coordinator(server, device, sp, dp, cfg)
+    plan = Plan("r1", 0.0, None, migration=MigrationRule(target=D, from_kind=S))
+    ex, events, o = await run(coord, plan, request(output_tokens=100))
+    assert_exactly_once(events, 100)
+    assert {e.source for e in events} == {S} and o.migrated_at is None
+    assert ex.migration_abandoned and len(device.calls) == 1 and device.closed_early == 1
+
+
 async def test_no_migration_when_rule_does_not_match_winner():
     coord, server, device = make(Script(ttft=FAST), Script(ttft=SLOW))
     plan = Plan("r1", 0.0, 0.0, migration=MigrationRule(target=S, from_kind=D))
