@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="DiSCo testbed: device-server collaborative LLM text streaming on Ray.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, mod in COMMANDS.items():
+    for mod in COMMANDS.values():
         try:
             module = importlib.import_module(f"disco.cluster.commands.{mod}")
         except ModuleNotFoundError as e:

@@ -43,6 +43,13 @@ EXPLANATIONS = (
     "the same window, but without the reporting delay.",
     "Real streams: live gaps include HTTP, SSE and event-loop jitter and the emulated last-hop "
     "network; the simulator's gaps are each endpoint's mean time between tokens.",
+    "Mixed devices: the live devices are one real llama.cpp agent (slow, CPU-bound, its TTFT "
+    "grows with its queue) and emulated phones; the calibrated device is one a + c*l line "
+    "fitted over all of them, so it misses the real device's tail (device TTFT P99).",
+    "Migrations: the simulator switches at the planned token as soon as the target's modelled "
+    "prefill is done; live, the target must really prefill prompt + generated text (on a busy "
+    "CPU, or behind other streams on the one-stream server replica) before the source finishes, "
+    "so with responses of a few dozen tokens most planned migrations never happen.",
     "Requests: live errors and early stops (a model that ends before max_tokens) shorten "
     "responses; the simulator generates exactly max_tokens for every request.",
 )

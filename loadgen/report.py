@@ -144,7 +144,8 @@ def plot_ttft_cdf(runs: Mapping[str, Sequence[RequestRecord]], path: str | Path)
     ax.set(xlabel="TTFT (ms)", ylabel="fraction of requests", title="Time to first token")
     ax.set_xscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -160,7 +161,8 @@ def plot_tbt_cdf(runs: Mapping[str, Sequence[RequestRecord]], path: str | Path) 
     ax.set(xlabel="time between tokens (ms)", ylabel="fraction of gaps", title="TBT")
     ax.set_xscale("symlog", linthresh=1.0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -187,7 +189,8 @@ def plot_timeline(records: Sequence[RequestRecord], path: str | Path, bin_s: flo
                     label="error")  # fmt: skip
     ax2.set(xlabel="time since start (s)", ylabel="TTFT (ms)")
     ax2.set_yscale("log")
-    ax2.legend(fontsize=8)
+    if ax2.collections:
+        ax2.legend(fontsize=8)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     fig.tight_layout()

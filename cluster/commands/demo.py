@@ -240,7 +240,7 @@ class DeviceSide:
         return ([self.agent_url] if self.agent_url else []) + self.fleet_urls
 
 
-def start_device_side(cfg: Any, server_url: str, devices: int) -> DeviceSide:
+def start_device_side(cfg: Any, server_url: str, server_handle: Any, devices: int) -> DeviceSide:
     import ray
     from disco.cluster import device_actors
     from disco.cluster.config import to_dict
@@ -250,13 +250,13 @@ def start_device_side(cfg: Any, server_url: str, devices: int) -> DeviceSide:
     ray.get(scheduler.ping.remote())
     agent, agent_url = (None, None)
     if cfg.agent.enabled:
-        agent, agent_url = device_actors.start_agent(cfg, server_url, scheduler)
+        agent, agent_url = device_actors.start_agent(cfg, server_url, scheduler, server_handle)
     fleet, urls = None, []
     if devices > 0:
         fcfg = replace(cfg.fleet, devices=devices)
         cls = ray.remote(_fleet_http_actor_class()).options(num_cpus=0)
         fleet = cls.remote(to_dict(fcfg), 0, devices, cfg.scheduler.server_profile, server_url,
-                           cfg.server.model_name, scheduler)  # fmt: skip
+                           cfg.server.model_name, scheduler, server_handle)  # fmt: skip
         urls = ray.get(fleet.serve_http.remote())
     return DeviceSide(scheduler, agent, agent_url, fleet, urls)
 
@@ -375,7 +375,7 @@ def _run_policies(cfg, policies, reqs, placeholders, opts, size, out):
         for i, policy in enumerate(policies):
             pcfg = replace(cfg, scheduler=replace(cfg.scheduler, policy=policy))
             t = time.monotonic()
-            ds = start_device_side(pcfg, tb.server_url, size.devices)
+            ds = start_device_side(pcfg, tb.server_url, tb.server_handle, size.devices)
             say(f"[{i + 1}/{len(policies)}] {policy}: scheduler, {len(ds.targets)} device(s) up "
                 f"in {time.monotonic() - t:.0f} s; replaying {len(reqs)} requests...")  # fmt: skip
             mapping = dict(zip(placeholders, ds.targets, strict=True))
@@ -459,8 +459,9 @@ def _report(rows, runs, reqs, policies, args, size, engine, out, devices_seen) -
     print()
     print(table(rows, cols))
     print()
-    if runs:
-        write_plots(runs, out)
+    measured = {p: recs for p, recs in runs.items() if recs}
+    if measured:
+        write_plots(measured, out)
     comparison, sim_md = _sim_vs_live(rows, runs, reqs, policies, args)
     (out / "sim_vs_live.md").write_text(sim_md)
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

@@ -54,6 +54,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--price-in", type=float, default=0.0, help="server: USD per 1M input tokens")
     p.add_argument("--price-out", type=float, default=0.0, help="server: USD per 1M output tokens")
     p.add_argument("--seed", type=int, default=0, help="prompt selection seed")
+    p.add_argument(
+        "--estimator",
+        choices=("median", "best"),
+        default="median",
+        help="device profile from the median run per prompt length, or the fastest one "
+        "(for a shared machine: interference only ever adds time)",
+    )
     p.set_defaults(run=run)
 
 
@@ -202,27 +209,35 @@ def build_profile(
         )
         if not params:
             raise CliError("--params-b is required: this engine does not report its size")
+        # Fit one point per target length (median or fastest run), never all runs: one run
+        # slowed by a noisy neighbour must not tilt the line (least squares is not robust).
+        by_len: dict[int, list[Sample]] = {}
+        for smp in samples:
+            by_len.setdefault(smp.target_tokens, []).append(smp)
+        best = args.estimator == "best"
+        pick = min if best else statistics.median
+        timed = [x for x in samples if x.decode_tps]
+        fastest = max(timed, key=lambda x: x.decode_tps or 0.0)
+        cvs = [x.tbt_cv for x in timed if x.tbt_cv is not None]
+        how = (
+            f"fastest of {args.repeats} runs per prompt length"
+            if best
+            else f"median of {args.repeats} runs per prompt length"
+        )
         try:
-            # Fit on the median per target length: one run slowed by a noisy neighbour must
-            # not tilt the line (least squares is not robust to outliers).
-            by_len: dict[int, list[Sample]] = {}
-            for smp in samples:
-                by_len.setdefault(smp.target_tokens, []).append(smp)
             prof = fit_device_profile(
                 name,
                 [statistics.median(x.prompt_tokens for x in g) for g in by_len.values()],
-                [statistics.median(x.ttft_s for x in g) for g in by_len.values()],
-                decode_tps=statistics.median(tps),
+                [pick([x.ttft_s for x in g]) for g in by_len.values()],
+                decode_tps=max(tps) if best else statistics.median(tps),
                 params_b=round(params, 4),
                 j_per_gflop=args.j_per_gflop,
-                source=f"measured by disco profile on {endpoint.name}",
+                source=f"measured by disco profile on {endpoint.name}; {how}",
             )
         except ValueError as e:
             raise CliError(str(e)) from None
-        cvs = [x.tbt_cv for x in samples if x.tbt_cv is not None]
-        if not cvs:
-            return prof
-        return dataclasses.replace(prof, decode_cv=round(statistics.median(cvs), 4))
+        cv = fastest.tbt_cv if best else (statistics.median(cvs) if cvs else None)
+        return prof if cv is None else dataclasses.replace(prof, decode_cv=round(cv, 4))
     if not gaps:
         raise CliError("no measurement produced two tokens: cannot measure inter-token gaps")
     return fit_server_profile(

@@ -31,6 +31,13 @@ class PolicyConfig:
     tail_robust: float = 0.2
     # [R] budget feedback: repay the spent-vs-b deficit over this many recompute periods.
     feedback_horizon: float = 4.0
+    # [R] DiSCo-D also evaluates the length-style wait table (w = 0 below a length, no device
+    # above) on the window and keeps whichever of it and the two-stage table has the lower
+    # estimated tail quantile; estimates within candidate_tol (relative) count as tied and the
+    # lower estimated mean wins.
+    length_candidate: bool = True
+    candidate_tol: float = 0.0
+    tail_nominal_budget: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.budget <= 1.0:

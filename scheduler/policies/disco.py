@@ -34,6 +34,8 @@ MU_GRID = np.concatenate(([0.0], np.logspace(-9, 3, 96)))
 WAIT_GRID = 40
 MIN_SERVER_SAMPLES = 20
 REPRESENTATIVES = 8
+_FORCE = None
+_LOG = []
 
 
 class DiSCo(WindowPolicy):
@@ -96,6 +98,9 @@ class DiSCo(WindowPolicy):
         ls = np.sort(lengths)
         n = ls.size
         budget = self.b_eff * float(ls.sum())
+        # [R] stage 1 (which lengths the tail needs) at the nominal b when tail_nominal_budget:
+        # a threshold that follows the feedback's swings exposes the knife-edge lengths.
+        tail_b = (self.budget if self.config.tail_nominal_budget else self.b_eff) * float(ls.sum())
         ttft = self.device.ttft
 
         # E[min(T_s, c)] = integral_0^c S(t) dt on a fine grid; flat KM tail beyond the data.
@@ -110,7 +115,14 @@ class DiSCo(WindowPolicy):
         never_mean = float(i_t[-1] + s_t[-1] * tmax)  # leftover mass assumed near 2 * tmax
 
         qpos = np.linspace(0, 1, LENGTH_BUCKETS + 1)[1:-1] * (n - 1)
-        edges = np.unique(np.interp(qpos, np.arange(n), ls))
+        edges = np.interp(qpos, np.arange(n), ls)
+        if self.config.length_candidate:
+            # [R] One more edge just above the length split's threshold, so that the length-style
+            # candidate below is exactly the `length` baseline's rule at b_eff.
+            thr = length_threshold(ls, tail_b / float(ls.sum()), long_side=False)
+            if np.isfinite(thr):
+                edges = np.append(edges, np.nextafter(thr, np.inf))
+        edges = np.unique(edges)
         bucket = np.searchsorted(edges, ls, side="right")
         nb = edges.size + 1
         count = np.bincount(bucket, minlength=nb).astype(float)
@@ -147,7 +159,7 @@ class DiSCo(WindowPolicy):
         need = n - allowed / np.maximum(s_x, 1e-12)  # requests that must be rescued
         k = (cum_cnt < need[:, None]).sum(axis=1)  # buckets chosen = k + 1
         free = exposed <= allowed
-        reach = (k < ok.sum(axis=1)) & (cum_cost[np.arange(xs.size), np.minimum(k, nb - 1)] <= budget)
+        reach = (k < ok.sum(axis=1)) & (cum_cost[np.arange(xs.size), np.minimum(k, nb - 1)] <= tail_b)
         feasible = free | reach
         waits = np.full(nb, np.inf)
         self.tail_target = None
@@ -157,7 +169,7 @@ class DiSCo(WindowPolicy):
             if not free[i]:
                 # Protect beyond the minimum: every bucket rescuable at x, cheapest first, while
                 # the budget lasts, so that window noise does not push the realised tail over x.
-                m = min(int(ok[i].sum()), int(np.searchsorted(cum_cost[i], budget, side="right")))
+                m = min(int(ok[i].sum()), int(np.searchsorted(cum_cost[i], tail_b, side="right")))
                 chosen = order[i, : max(m, k[i] + 1)]
                 waits[chosen] = w_x[i, chosen]
                 # Robustness: the window's x is an estimate; where the budget allows, rescue the
@@ -166,7 +178,7 @@ class DiSCo(WindowPolicy):
                 cand = order[i, : int(ok[i].sum())]
                 robust = np.maximum(lo[cand], 0.0)
                 extra = lsum[cand] * km(robust) - np.where(np.isfinite(waits[cand]), cost_x[i, cand], 0.0)
-                left = budget - float(cost_x[i, chosen].sum())
+                left = tail_b - float(cost_x[i, chosen].sum())
                 take = np.cumsum(extra) <= left
                 waits[cand[take]] = robust[take]
 
@@ -208,7 +220,37 @@ class DiSCo(WindowPolicy):
                 sel[j] = c
             return sel
 
-        best = optimise(waits)
+        cfg = self.config
+        cands = [optimise(waits)]
+        if cfg.length_candidate:
+            # [R] Candidate 2: the length-style table (w = 0 on the shortest buckets that fit the
+            # budget, no device above), then the same mean stage on what is left. The length split
+            # is in DiSCo-D's feasible set, so offering it keeps the tail stage's estimation error
+            # from losing to it.
+            fit = int(np.searchsorted(np.cumsum(lsum), tail_b, side="right"))
+            lw = np.full(nb, np.inf)
+            lw[:fit] = 0.0
+            cands.append(optimise(lw))
+        if len(cands) == 1:
+            best = cands[0]
+        else:
+            td_all = np.asarray(ttft(ls), dtype=float)
+            allowed_frac = 1.0 - cfg.tail_quantile
+            scores = []
+            for sel in cands:
+                wt = choice_w[rows, sel]
+                caps = np.sort(wt[bucket] + td_all)  # TTFT <= cap (device start + prefill)
+                xs = np.unique(np.concatenate((t_sorted, caps[np.isfinite(caps)])))
+                frac = 1.0 - np.searchsorted(caps, xs, side="right") / n  # share with cap > x
+                ok_x = km(xs) * frac <= allowed_frac
+                p_tail = float(xs[int(np.argmax(ok_x))]) if ok_x.any() else np.inf
+                scores.append((p_tail, float(mean[rows, sel].sum()) / n))
+            p_best = min(s[0] for s in scores)
+            near = [i for i, s in enumerate(scores) if s[0] <= p_best * (1.0 + cfg.candidate_tol)]
+            best = cands[min(near, key=lambda i: (scores[i][1], i))]
+            if _FORCE is not None:
+                best = cands[_FORCE]
+            _LOG.append(scores)
         self.edges, self.waits = edges, choice_w[rows, best]
 
 

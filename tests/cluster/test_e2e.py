@@ -152,6 +152,35 @@ def test_server_replica_killed_mid_stream_completes_on_the_device(testbed):
     assert set(sources[k:]) == {"device"}
 
 
+def test_replica_killed_mid_stream_over_http_completes_on_the_device(testbed):
+    """The same fault for an agent that reaches the server over HTTP (as an edge box does)."""
+    from dataclasses import replace
+
+    from disco.cluster.device_actors import start_agent
+
+    _set_policy(testbed, "server-only")
+    cfg = testbed.config
+    cfg = replace(cfg, agent=replace(cfg.agent, server="http", device_id="agent-http"))
+    agent, url = start_agent(cfg, testbed.server_url, testbed.scheduler)
+    killed = []
+
+    def kill_after_5(n: int) -> None:
+        if n == 5 and not killed:
+            killed.append(True)
+            _kill_server_replica()
+
+    try:
+        chunks, done = _stream(url, 30, kill_after_5)
+    finally:
+        _wait_server_healthy(testbed)
+        ray.kill(agent)
+    assert killed
+    sources = _assert_one_ordered_stream(chunks, done)
+    assert sources[:5] == ["server"] * 5
+    k = sources.index("device")
+    assert set(sources[k:]) == {"device"}
+
+
 def test_requests_flow_while_the_scheduler_restarts(testbed):
     _set_policy(testbed, "race")
     ray.kill(testbed.scheduler, no_restart=False)

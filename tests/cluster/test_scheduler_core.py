@@ -11,8 +11,7 @@ from disco.cluster.scheduler_state import BudgetLedger, FileStore, SchedulerCore
 from disco.scheduler.policies.base import PolicyConfig
 from disco.scheduler.profiles import DEVICE_PROFILES, SERVER_PROFILES
 from disco.scheduler.types import EndpointKind, Regime, Request, RequestOutcome
-
-from tests.cluster.doubles import CountingPolicy, UnpicklablePolicy
+from doubles import CountingPolicy, UnpicklablePolicy  # tests/cluster is on sys.path (pytest)
 
 
 def _policy(cls=CountingPolicy):

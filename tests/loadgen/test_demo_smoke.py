@@ -39,6 +39,12 @@ def test_demo_small_end_to_end(tmp_path: Path) -> None:
     # Server-constrained budget: server-only prefills every prompt on the server, and pays for it.
     assert so["budget_used"] == pytest.approx(1.0) and so["server_cost"] > 0
     assert rows["disco"]["budget_used"] <= 0.3 + 0.2  # within the budget, up to small-sample slack
+    # Every device (the real agent and the emulated ones) really streamed from the server.
+    recs = [
+        json.loads(x) for x in (out / "server-only" / "requests.jsonl").read_text().splitlines()
+    ]
+    assert len({r["target"] for r in recs}) == 2
+    assert all(r["token_sources"][0] == "server" for r in recs)
     for name in ("ttft_cdf.png", "tbt_cdf.png", "sim_vs_live.md", "disco/requests.jsonl",
                  "server-only/locust_stats.csv"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
