@@ -78,19 +78,58 @@ def direct_completion(llm, prompt: str, max_tokens: int) -> Iterator[dict]:
     )
 
 
-async def via_endpoint(ep: LlamaCppEndpoint, prompt: str, max_tokens: int) -> tuple[float, list]:
+async def via_endpoint(
+    ep: LlamaCppEndpoint, prompt: str, max_tokens: int, handoff: list[float]
+) -> tuple[float, list]:
+    """Receipt times; appends to ``handoff`` each token's delay from production on the worker
+    thread (its ``time`` stamp) to receipt by the asyncio consumer."""
     t0 = time.perf_counter()
-    times = [
-        time.perf_counter() - t0 async for _ in ep.stream(GenerationRequest(prompt, max_tokens))
-    ]
+    times = []
+    async for ev in ep.stream(GenerationRequest(prompt, max_tokens)):
+        times.append(time.perf_counter() - t0)
+        handoff.append(time.monotonic() - ev.time)
     return times[0], times
+
+
+def handoff_cost(ep: LlamaCppEndpoint, loop: asyncio.AbstractEventLoop, n: int, reps: int):
+    """Per-token cost of the wrapper alone: the model is swapped for an instant token source, so
+    what remains is detokenizing, the TokenEvent, the thread -> event loop hand-off and the
+    consumer. Returns (direct s/token, wrapper s/token), medians over ``reps``."""
+    llm = ep._llm
+    tok = llm.tokenize(b" the", add_bos=False)[0]
+
+    def instant(ids, **_):  # noqa: ANN001, ANN202 - stands in for Llama.generate
+        while True:
+            yield tok
+
+    async def consume() -> float:
+        t0 = time.perf_counter()
+        k = 0
+        async for _ in ep.stream(GenerationRequest("The", n)):
+            k += 1
+        return (time.perf_counter() - t0) / k
+
+    direct, wrapped = [], []
+    llm.generate = instant  # instance attribute shadows the method; removed below
+    try:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _, t in zip(range(n), instant([]), strict=False):
+                llm.detokenize([t])
+            direct.append((time.perf_counter() - t0) / n)
+            wrapped.append(loop.run_until_complete(consume()))
+    finally:
+        del llm.generate
+    return median(direct), median(wrapped)
 
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def bench_model(model: str, args: argparse.Namespace, lens: list[int]) -> tuple[list[Path_], str]:
+def bench_model(
+    model: str, args: argparse.Namespace, lens: list[int]
+) -> tuple[list[Path_], str, tuple[float, float, list[float]]]:
     from llama_cpp import Llama
 
     n_ctx = max(lens) + args.max_tokens + 64
@@ -102,8 +141,10 @@ def bench_model(model: str, args: argparse.Namespace, lens: list[int]) -> tuple[
     builder = PromptBuilder(Corpus.stdlib(), _Counter(ep.count_tokens), seed=args.seed)
     paths = [Path_("direct generate"), Path_("direct completion"), Path_("Endpoint (wrapper)")]
 
+    handoff: list[float] = []
+
     async def endpoint_run(p: str) -> tuple[float, list[float]]:
-        return await via_endpoint(ep, p, args.max_tokens)
+        return await via_endpoint(ep, p, args.max_tokens, handoff)
 
     loop = asyncio.new_event_loop()
     runners: list[Callable[[str], tuple[float, list[float]]]] = [
@@ -115,6 +156,8 @@ def bench_model(model: str, args: argparse.Namespace, lens: list[int]) -> tuple[
     for run in runners:  # load weights into the page cache, JIT nothing
         run(warm)
     try:
+        cost = handoff_cost(ep, loop, n=min(500, n_ctx - 8), reps=7)
+        handoff.clear()  # count only the measured runs below
         for r in range(args.runs):
             for n in lens:
                 prompt = builder.build(n)
@@ -128,7 +171,7 @@ def bench_model(model: str, args: argparse.Namespace, lens: list[int]) -> tuple[
         loop.close()
         llm_gen.close()
         llm_cmp.close()
-    return paths, Path(ep.model_path).name
+    return paths, Path(ep.model_path).name, (*cost, handoff)
 
 
 @dataclass(frozen=True)
@@ -192,8 +235,25 @@ def main() -> None:
     started = dt.datetime.now(dt.timezone.utc)
     sections = []
     for model in args.models.split(","):
-        paths, fname = bench_model(model.strip(), args, lens)
+        paths, fname, (direct, wrapped, handoff) = bench_model(model.strip(), args, lens)
+        hs = sorted(handoff)
+        p99 = hs[min(len(hs) - 1, int(0.99 * len(hs)))]
+        step = 1 / median([x.decode_tps for x in paths[0].runs[lens[0]] if x.decode_tps])
         sections += [f"### {fname}", "", *table(paths, lens), ""]
+        sections += [
+            "Wrapper cost per token with the model swapped for an instant token source "
+            "(median of 7 x 500 tokens; contention-robust, unlike the deltas above):",
+            "",
+            "| direct loop us/token | Endpoint us/token | overhead us/token | share of a decode step |",
+            "|---:|---:|---:|---:|",
+            f"| {direct * 1e6:.1f} | {wrapped * 1e6:.1f} | {(wrapped - direct) * 1e6:+.1f} | "
+            f"{(wrapped - direct) / step * 100:.2f}% of {step * 1e3:.1f} ms |",
+            "",
+            f"Hand-off delay in the real runs (token produced on the worker thread -> received by "
+            f"the asyncio consumer), {len(hs)} tokens: median {median(hs) * 1e6:.0f} us, "
+            f"P99 {p99 * 1e6:.0f} us.",
+            "",
+        ]
     load1 = os.getloadavg()[0]
     cpu = next(
         (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
 from disco.loadgen.arrivals import LogNormalLengths, Poisson, synthetic
 from disco.loadgen.mock_server import MockConfig, MockServer
 from disco.loadgen.prompts import Corpus, EstimateCounter

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
 from disco.scheduler.registry import Registry
 
 

@@ -20,6 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+
 from disco.scheduler.profiles import DeviceProfile, ServerProfile
 from disco.scheduler.simulator import SweepSpec, World, sweep
 from disco.scheduler.traces import TraceRecord
@@ -38,9 +39,10 @@ EXPLANATIONS = (
     "Shared CPU: the server replica, the real device agent, Ray, Locust and the emulated fleet "
     "share the machine's cores, so the real device's prefill and decode slow down under load; "
     "the simulator's device is a fixed a + c*l line and a constant decode speed.",
-    "Online estimates: the live policy learns the server TTFT distribution and the output lengths "
-    "from a few dozen reports that arrive after each request ends; the simulator's policy sees "
-    "the same window, but without the reporting delay.",
+    "Online estimates: the live policy starts from the configured server profile and learns the "
+    "server's TTFTs and the output lengths from reports that arrive only as requests end (under "
+    "queueing, seconds later); the simulator's policy updates on the same window and schedule "
+    "but sees each outcome at once, so it reacts sooner to a slow server.",
     "Real streams: live gaps include HTTP, SSE and event-loop jitter and the emulated last-hop "
     "network; the simulator's gaps are each endpoint's mean time between tokens.",
     "Mixed devices: the live devices are one real llama.cpp agent (slow, CPU-bound, its TTFT "
@@ -103,11 +105,18 @@ def simulate(
     budget: float,
     policies: Sequence[str],
     seed: int = 0,
+    window: int = 2000,
+    recompute_every: int = 100,
 ) -> dict[str, dict[str, Any]]:
-    """One simulated row per policy (migration as the live run: on), keyed by policy."""
+    """One simulated row per policy (migration as the live run: on), keyed by policy.
+
+    ``window``/``recompute_every`` must be the live scheduler's: with a few dozen requests, a
+    policy that recomputes every 100 never leaves its initial state.
+    """
     world = World.build(trace_of(reqs), server, device, seed=seed)
     spec = SweepSpec(regime=regime, budgets=(budget,), policies=tuple(policies),
-                     migration=(True,), seed=seed)  # fmt: skip
+                     migration=(True,), seed=seed, window=window,
+                     recompute_every=recompute_every)  # fmt: skip
     return {row["policy"]: row for row in sweep(world, spec)}
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
 from disco.scheduler.registry import Registry
 
 # Standard-library modules with long English documentation; a fixed list keeps the corpus the

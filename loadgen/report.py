@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from disco.scheduler.metrics import percentile, qoe
 
 from .records import RequestRecord

@@ -36,8 +36,12 @@ class PolicyConfig:
     # estimated tail quantile; estimates within candidate_tol (relative) count as tied and the
     # lower estimated mean wins.
     length_candidate: bool = True
-    candidate_tol: float = 0.0
-    tail_nominal_budget: bool = False
+    candidate_tol: float = 0.03
+    # [R] DiSCo plans each period to end at most guard_headroom x the guard's slack over b
+    # (1.0: no such cap, only the feedback).
+    guard_headroom: float = 0.3
+    # [R] DiSCo's budget feedback counts the deficit from its first recompute on.
+    feedback_from_first_fit: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.budget <= 1.0:

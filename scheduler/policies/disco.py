@@ -15,8 +15,20 @@ paper-notes.md [N] gives the shapes; the concrete algorithms here are OUR recons
   per budget token (this favours short prompts). The server TTFT
   distribution is a Kaplan-Meier estimate over the window (a server cancelled by a device win only
   says "slower than this"); the device TTFT is the profile's a + c*l.
+  Third, a length-dominating candidate (when length_candidate): w = 0 on every bucket the
+  `length` split at the nominal b races on the same window (an extra bucket edge sits at its
+  threshold), except buckets whose prefill fits well under that split's estimated tail X, which
+  get the longest wait keeping wait + prefill <= X * (1 - tail_robust); then the same stage (2)
+  spends what this saves on the mean. Stage (2) only shortens waits, so no request ends above
+  that safe level and later than under the length split. The two-stage table is kept only where
+  the window's estimated tail quantile (S(x) x share of prompts whose device cap exceeds x) is
+  lower than the dominating table's by more than candidate_tol, since it was fitted to the same
+  window and its estimate is optimistic.
 - Budget feedback: every recompute, b_eff = b + deficit / (feedback_horizon periods' worth of
-  prompt tokens), where deficit = b * seen - spent, so the spent share converges to b.
+  prompt tokens), where deficit = b * seen - spent counted from the first recompute on (the
+  requests before it had nothing to spend with), so the spent share converges to b; b_eff is also
+  capped so that the next period would end at most guard_headroom x the guard's slack over b (a
+  binding guard refuses requests in arrival order, tail-critical ones included).
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ import numpy as np
 from ..types import EndpointKind
 from .base import POLICIES
 from .baselines import length_threshold
-from .common import NEVER, KaplanMeier, WindowPolicy
+from .common import GUARD_SLACK, NEVER, KaplanMeier, WindowPolicy
 
 LENGTH_BUCKETS = 16
 # Lagrange multipliers tried (seconds of mean TTFT per prompt token), 0 first.
@@ -34,8 +46,6 @@ MU_GRID = np.concatenate(([0.0], np.logspace(-9, 3, 96)))
 WAIT_GRID = 40
 MIN_SERVER_SAMPLES = 20
 REPRESENTATIVES = 8
-_FORCE = None
-_LOG = []
 
 
 class DiSCo(WindowPolicy):
@@ -49,6 +59,7 @@ class DiSCo(WindowPolicy):
         self.edges = np.zeros(0)  # DiSCo-D: one bucket, never hedge before data
         self.waits = np.array([np.inf])
         self.tail_target: float | None = None
+        self._feedback_origin: tuple[float, float] | None = None
 
     # --- online budget ------------------------------------------------------------------
     def _effective_budget(self) -> float:
@@ -58,8 +69,23 @@ class DiSCo(WindowPolicy):
             return b
         mean_l = float(self.window.l[w].mean())
         horizon = self.config.feedback_horizon * self.config.recompute_every * mean_l
-        deficit = b * self.seen_tokens - self.spent_tokens
-        return float(np.clip(b + deficit / horizon, 0.0, 1.0))
+        if self._feedback_origin is None:
+            # [R] The deficit counts from the first recompute: the requests before it had no
+            # learned state to spend with, and repaying them in one period overshoots the guard.
+            self._feedback_origin = (
+                (self.seen_tokens, self.spent_tokens) if self.config.feedback_from_first_fit else (0.0, 0.0)
+            )
+        seen0, spent0 = self._feedback_origin
+        deficit = b * (self.seen_tokens - seen0) - (self.spent_tokens - spent0)
+        b_eff = b + deficit / horizon
+        if self.config.guard_headroom < 1.0:
+            # [R] Stay clear of the budget guard: plan the next period so that the cumulative
+            # share would end at most guard_headroom x GUARD_SLACK over b. A guard that binds
+            # refuses requests in arrival order, tail-critical ones included.
+            period = self.config.recompute_every * mean_l
+            cap = b + GUARD_SLACK * self.config.guard_headroom
+            b_eff = min(b_eff, (cap * (self.seen_tokens + period) - self.spent_tokens) / period)
+        return float(np.clip(b_eff, 0.0, 1.0))
 
     def _recompute(self) -> None:
         if self.budget <= 0.0 or self.budget >= 1.0:
@@ -98,9 +124,6 @@ class DiSCo(WindowPolicy):
         ls = np.sort(lengths)
         n = ls.size
         budget = self.b_eff * float(ls.sum())
-        # [R] stage 1 (which lengths the tail needs) at the nominal b when tail_nominal_budget:
-        # a threshold that follows the feedback's swings exposes the knife-edge lengths.
-        tail_b = (self.budget if self.config.tail_nominal_budget else self.b_eff) * float(ls.sum())
         ttft = self.device.ttft
 
         # E[min(T_s, c)] = integral_0^c S(t) dt on a fine grid; flat KM tail beyond the data.
@@ -116,10 +139,11 @@ class DiSCo(WindowPolicy):
 
         qpos = np.linspace(0, 1, LENGTH_BUCKETS + 1)[1:-1] * (n - 1)
         edges = np.interp(qpos, np.arange(n), ls)
+        thr = -np.inf
         if self.config.length_candidate:
-            # [R] One more edge just above the length split's threshold, so that the length-style
-            # candidate below is exactly the `length` baseline's rule at b_eff.
-            thr = length_threshold(ls, tail_b / float(ls.sum()), long_side=False)
+            # [R] One more edge just above the length split's threshold (nominal b, as the `length`
+            # baseline computes it on the same window), for the length-dominating candidate below.
+            thr = length_threshold(ls, self.budget, long_side=False)
             if np.isfinite(thr):
                 edges = np.append(edges, np.nextafter(thr, np.inf))
         edges = np.unique(edges)
@@ -159,7 +183,7 @@ class DiSCo(WindowPolicy):
         need = n - allowed / np.maximum(s_x, 1e-12)  # requests that must be rescued
         k = (cum_cnt < need[:, None]).sum(axis=1)  # buckets chosen = k + 1
         free = exposed <= allowed
-        reach = (k < ok.sum(axis=1)) & (cum_cost[np.arange(xs.size), np.minimum(k, nb - 1)] <= tail_b)
+        reach = (k < ok.sum(axis=1)) & (cum_cost[np.arange(xs.size), np.minimum(k, nb - 1)] <= budget)
         feasible = free | reach
         waits = np.full(nb, np.inf)
         self.tail_target = None
@@ -169,7 +193,7 @@ class DiSCo(WindowPolicy):
             if not free[i]:
                 # Protect beyond the minimum: every bucket rescuable at x, cheapest first, while
                 # the budget lasts, so that window noise does not push the realised tail over x.
-                m = min(int(ok[i].sum()), int(np.searchsorted(cum_cost[i], tail_b, side="right")))
+                m = min(int(ok[i].sum()), int(np.searchsorted(cum_cost[i], budget, side="right")))
                 chosen = order[i, : max(m, k[i] + 1)]
                 waits[chosen] = w_x[i, chosen]
                 # Robustness: the window's x is an estimate; where the budget allows, rescue the
@@ -178,9 +202,40 @@ class DiSCo(WindowPolicy):
                 cand = order[i, : int(ok[i].sum())]
                 robust = np.maximum(lo[cand], 0.0)
                 extra = lsum[cand] * km(robust) - np.where(np.isfinite(waits[cand]), cost_x[i, cand], 0.0)
-                left = tail_b - float(cost_x[i, chosen].sum())
+                left = budget - float(cost_x[i, chosen].sum())
                 take = np.cumsum(extra) <= left
                 waits[cand[take]] = robust[take]
+
+        td_all = np.asarray(ttft(ls), dtype=float)
+
+        alpha = 1.0 - self.config.tail_quantile
+        s_at_t = km(t_sorted)
+
+        def tail_estimate(wt: np.ndarray) -> float:
+            """The window's tail_quantile of TTFT under per-bucket waits wt: P(TTFT > x) is
+            S(x) x the share of window prompts whose device cap (wait + prefill) exceeds x."""
+            caps = np.sort(wt[bucket] + td_all)
+            caps = caps[: int(np.searchsorted(caps, np.inf))]  # the finite ones
+            best = np.inf
+            # Both factors are right-continuous steps, so the smallest such x is a jump of one.
+            for xs, s_xs in ((t_sorted, s_at_t), (caps, km(caps))):
+                ok_x = s_xs * (1.0 - np.searchsorted(caps, xs, side="right") / n) <= alpha
+                if ok_x.any():
+                    best = min(best, float(xs[int(np.argmax(ok_x))]))
+            return best
+
+        # [R] Length-dominating table: w = 0 wherever the length split at b races (same window,
+        # same threshold), except that buckets short enough to be rescued well under that split's
+        # estimated tail X get the longest wait keeping wait + prefill <= X * (1 - tail_robust).
+        # Every request then either does no worse than under the length split or finishes under
+        # that safe level, so the tail cannot be worse; the budget this saves goes to the mean.
+        dom = np.full(nb, np.inf)
+        if self.config.length_candidate and thr > -np.inf:
+            upper = np.append(edges, np.inf)  # bucket j holds l < upper[j]
+            raced = upper <= np.nextafter(thr, np.inf) if np.isfinite(thr) else np.ones(nb, bool)
+            x_len = tail_estimate(np.where(raced, 0.0, np.inf))
+            safe = x_len * (1.0 - self.config.tail_robust)
+            dom = np.where(raced, np.maximum(safe - lmax_td, 0.0), np.inf)
 
         # Stage 2, average optimisation: per bucket, pick the wait minimising mean + mu * cost
         # among waits no longer than the tail stage's, with the smallest mu (from a log grid) that
@@ -188,7 +243,8 @@ class DiSCo(WindowPolicy):
         grid = np.unique(np.concatenate(([0.0], quant(np.linspace(0, 0.995, WAIT_GRID)))))
         g = grid.size
         choice_w = np.concatenate(
-            (np.broadcast_to(grid, (nb, g)), np.full((nb, 1), np.inf), waits[:, None]), axis=1
+            (np.broadcast_to(grid, (nb, g)), np.full((nb, 1), np.inf), waits[:, None], dom[:, None]),
+            axis=1,
         )
         cost = np.empty(choice_w.shape)
         mean = np.empty(choice_w.shape)
@@ -196,6 +252,7 @@ class DiSCo(WindowPolicy):
         mean[:, :g] = e_min(grid[None, None, :] + rep_td[:, :, None]).mean(axis=1) * count[:, None]
         cost[:, g], mean[:, g] = 0.0, never_mean * count
         cost[:, g + 1], mean[:, g + 1] = option(waits)
+        cost[:, g + 2], mean[:, g + 2] = option(dom)
         rows = np.arange(nb)
 
         def optimise(ceiling: np.ndarray) -> np.ndarray:
@@ -220,37 +277,15 @@ class DiSCo(WindowPolicy):
                 sel[j] = c
             return sel
 
-        cfg = self.config
-        cands = [optimise(waits)]
-        if cfg.length_candidate:
-            # [R] Candidate 2: the length-style table (w = 0 on the shortest buckets that fit the
-            # budget, no device above), then the same mean stage on what is left. The length split
-            # is in DiSCo-D's feasible set, so offering it keeps the tail stage's estimation error
-            # from losing to it.
-            fit = int(np.searchsorted(np.cumsum(lsum), tail_b, side="right"))
-            lw = np.full(nb, np.inf)
-            lw[:fit] = 0.0
-            cands.append(optimise(lw))
-        if len(cands) == 1:
-            best = cands[0]
-        else:
-            td_all = np.asarray(ttft(ls), dtype=float)
-            allowed_frac = 1.0 - cfg.tail_quantile
-            scores = []
-            for sel in cands:
-                wt = choice_w[rows, sel]
-                caps = np.sort(wt[bucket] + td_all)  # TTFT <= cap (device start + prefill)
-                xs = np.unique(np.concatenate((t_sorted, caps[np.isfinite(caps)])))
-                frac = 1.0 - np.searchsorted(caps, xs, side="right") / n  # share with cap > x
-                ok_x = km(xs) * frac <= allowed_frac
-                p_tail = float(xs[int(np.argmax(ok_x))]) if ok_x.any() else np.inf
-                scores.append((p_tail, float(mean[rows, sel].sum()) / n))
-            p_best = min(s[0] for s in scores)
-            near = [i for i, s in enumerate(scores) if s[0] <= p_best * (1.0 + cfg.candidate_tol)]
-            best = cands[min(near, key=lambda i: (scores[i][1], i))]
-            if _FORCE is not None:
-                best = cands[_FORCE]
-            _LOG.append(scores)
+        ceiling = waits
+        if self.config.length_candidate and np.isfinite(dom).any():
+            # Keep the two-stage table only where the window says it beats the length-dominating
+            # one's tail by more than candidate_tol (its estimate is optimistic: it was fitted to
+            # this window); the dominating table is safe against the length split by design.
+            # Compared before stage (2), which only shortens waits (and costs a second pass).
+            if not tail_estimate(waits) < tail_estimate(dom) * (1.0 - self.config.candidate_tol):
+                ceiling = dom
+        best = optimise(ceiling)
         self.edges, self.waits = edges, choice_w[rows, best]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from disco.loadgen.compare import (
     calibrate_device,
     calibrate_server,

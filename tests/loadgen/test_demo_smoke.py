@@ -49,3 +49,24 @@ def test_demo_small_end_to_end(tmp_path: Path) -> None:
                  "server-only/locust_stats.csv"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
     assert {r["source"] for r in summary["sim_vs_live"]} >= {"live", "sim (configured)"}
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--policies", "disco,nope"], "unknown policy nope"),
+        (["--policies", "disco,disco"], "twice"),
+        (["--budget", "1.5"], "--budget"),
+        (["--rate", "0"], "--rate"),
+        (["--no-agent", "--devices", "0"], "no device"),
+    ],
+)
+def test_demo_bad_input_exits_2_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], match: str
+) -> None:
+    from disco.cluster import cli
+
+    rc = cli.main(["demo", "--quick", *args, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and match in err[0]
+    assert not (tmp_path / "o").exists()

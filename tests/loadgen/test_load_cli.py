@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from disco.cluster import cli
 from disco.loadgen.mock_server import MockConfig, MockServer
 from disco.loadgen.records import read_records

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from disco.loadgen.records import RecordWriter, RequestRecord, read_records
 from disco.loadgen.report import summarize_records, table, write_plots
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from disco.loadgen.arrivals import Arrival
 from disco.loadgen.prompts import Corpus, EstimateCounter, PromptBuilder
 from disco.loadgen.schedule import build_schedule, read_schedule, write_schedule

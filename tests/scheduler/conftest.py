@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from disco.scheduler.profiles import DEVICE_PROFILES, SERVER_PROFILES
 from disco.scheduler.simulator import World
 from disco.scheduler.traces import TraceRecord, default_trace_path, load_trace

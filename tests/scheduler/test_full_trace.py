@@ -1,15 +1,18 @@
 """The issue's full-trace claims (shipped Azure conv trace, gpt-4o-mini + xiaomi14-qwen0.5b).
 
 Claim: for budgets 0.1..0.9 in both regimes, DiSCo's P99 TTFT <= every baseline that stays within
-the budget, and its mean TTFT within 10% of the oracle's. Our reconstruction misses the P99 part
-against the plain length split at the budgets marked below (by <= 1.9%, numbers in the marks and
-in bench/results/sim.md); those are strict xfails, so a fix shows up as an unexpected pass.
-``test_claims_within_two_percent`` holds everywhere.
+the budget, and its mean TTFT within 10% of the oracle's. DiSCo-D meets it at every budget (its
+length-dominating candidate, disco.py). DiSCo-S misses the P99 part against the plain length split
+at the budgets marked below by 1-2 prompt tokens' worth of device prefill (<= 0.05%, numbers in
+the marks and in bench/results/sim.md): the tail there sits inside a dense cluster of ~4,090-token
+prompts that neither policy can afford to race whole. Those are strict xfails, so a fix shows up
+as an unexpected pass. ``test_claims_within_two_percent`` holds everywhere.
 """
 
 from __future__ import annotations
 
 import pytest
+
 from disco.scheduler.profiles import DEVICE_PROFILES, SERVER_PROFILES
 from disco.scheduler.report import claim_failures
 from disco.scheduler.simulator import SweepSpec, World, sweep
@@ -18,13 +21,11 @@ from disco.scheduler.types import Regime
 
 BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 POLICIES = ("disco", "server-only", "device-only", "race", "random", "length", "oracle")
-# (regime, budget) -> why: DiSCo-D sits at the device's P99 floor with the length split and loses
-# to window noise; DiSCo-S is the length rule plus budget feedback, so the two tie within noise.
+# (regime, budget) -> why: the P99 is the device prefill of a prompt in the ~4,090-token cluster,
+# and which one lands at the 99th percentile is window noise between two near-identical splits.
 KNOWN = {
-    ("device", 0.3): "2.738 vs length 2.688", ("device", 0.4): "2.650 vs length 2.614",
-    ("device", 0.5): "2.634 vs length 2.614", ("device", 0.6): "2.631 vs length 2.614",
     ("server", 0.1): "9.788 vs length 9.786", ("server", 0.2): "9.774 vs length 9.769",
-    ("server", 0.3): "9.762 vs length 9.760", ("server", 0.9): "2.664 vs length 2.660",
+    ("server", 0.3): "9.762 vs length 9.760",
 }  # fmt: skip
 
 

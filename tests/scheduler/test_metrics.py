@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from disco.scheduler.metrics import (
     paced_times,
     percentile,
@@ -10,8 +13,6 @@ from disco.scheduler.metrics import (
     weighted_percentile,
 )
 from disco.scheduler.types import EndpointKind, Regime, RequestOutcome
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def test_qoe_sanity_on_time_stream_is_perfect() -> None:

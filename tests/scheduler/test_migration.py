@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from disco.scheduler.migration import MigrationConfig, decide_migration, decide_migration_batch
 from disco.scheduler.profiles import DEVICE_PROFILES, SERVER_PROFILES
 from disco.scheduler.types import EndpointKind, MigrationRule
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 SERVER = SERVER_PROFILES.get("command")
 DEVICE = DEVICE_PROFILES.get("xiaomi14-qwen0.5b")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from disco.scheduler.policies import POLICIES, Policy, PolicyConfig, make_policy
 from disco.scheduler.profiles import DEVICE_PROFILES, SERVER_PROFILES
 from disco.scheduler.simulator import SimSettings, World, evaluate, run_batch, summarize_outcomes
 from disco.scheduler.traces import TraceRecord
 from disco.scheduler.types import Plan, Regime, Request
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 BUDGETED = ("disco", "random", "length", "oracle")
 UNCONSTRAINED_ONLY = {Regime.DEVICE_CONSTRAINED: "server-only", Regime.SERVER_CONSTRAINED: "device-only"}

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from disco.scheduler.profiles import (
     DEVICE_PROFILES,
     SERVER_PROFILES,

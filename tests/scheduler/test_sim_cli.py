@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from disco.cluster.cli import main
 
 ROW_KEYS = {

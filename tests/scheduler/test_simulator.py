@@ -5,6 +5,9 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from disco.scheduler.metrics import qoe, summarize
 from disco.scheduler.policies import POLICIES, PolicyConfig, make_policy
 from disco.scheduler.profiles import DEVICE_PROFILES, SERVER_PROFILES
@@ -22,8 +25,6 @@ from disco.scheduler.simulator import (
     token_times,
 )
 from disco.scheduler.types import EndpointKind, Regime
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 NAN = math.nan
 

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from disco.scheduler.traces import TraceFormatError, TraceRecord, default_trace_path, load_trace
 
 
