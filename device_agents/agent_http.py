@@ -21,13 +21,14 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from disco.scheduler.endpoint import GenerationRequest, InvalidRequestError
-from disco.scheduler.types import TokenEvent
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from disco.scheduler.endpoint import GenerationRequest, InvalidRequestError
+from disco.scheduler.types import TokenEvent
 
 from .agent import DeviceAgent
 from .coordinator import Execution, StreamFailedError

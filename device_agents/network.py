@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
+
 from disco.scheduler.endpoint import Endpoint, GenerationRequest
 from disco.scheduler.types import TokenEvent
 

@@ -31,10 +31,10 @@ class PolicyConfig:
     tail_robust: float = 0.2
     # [R] budget feedback: repay the spent-vs-b deficit over this many recompute periods.
     feedback_horizon: float = 4.0
-    # [R] DiSCo-D also evaluates the length-style wait table (w = 0 below a length, no device
-    # above) on the window and keeps whichever of it and the two-stage table has the lower
-    # estimated tail quantile; estimates within candidate_tol (relative) count as tied and the
-    # lower estimated mean wins.
+    # [R] DiSCo-D also builds a length-dominating wait table (w = 0 wherever the `length` split
+    # at b races, longer safe waits for prompts far under its tail; see disco.py) and keeps its
+    # two-stage table only where the window estimates that one's tail quantile lower by more
+    # than candidate_tol (relative).
     length_candidate: bool = True
     candidate_tol: float = 0.03
     # [R] DiSCo plans each period to end at most guard_headroom x the guard's slack over b

@@ -277,15 +277,14 @@ class DiSCo(WindowPolicy):
                 sel[j] = c
             return sel
 
-        ceiling = waits
-        if self.config.length_candidate and np.isfinite(dom).any():
-            # Keep the two-stage table only where the window says it beats the length-dominating
-            # one's tail by more than candidate_tol (its estimate is optimistic: it was fitted to
-            # this window); the dominating table is safe against the length split by design.
-            # Compared before stage (2), which only shortens waits (and costs a second pass).
-            if not tail_estimate(waits) < tail_estimate(dom) * (1.0 - self.config.candidate_tol):
-                ceiling = dom
-        best = optimise(ceiling)
+        # Keep the two-stage table only where the window says it beats the length-dominating
+        # one's tail by more than candidate_tol (its estimate is optimistic: it was fitted to this
+        # window); the dominating table is safe against the length split by design. Compared
+        # before stage (2), which only shortens waits (and would cost a second pass).
+        tol = 1.0 - self.config.candidate_tol
+        use_dom = self.config.length_candidate and np.isfinite(dom).any()
+        two_stage_wins = not use_dom or tail_estimate(waits) < tail_estimate(dom) * tol
+        best = optimise(waits if two_stage_wins else dom)
         self.edges, self.waits = edges, choice_w[rows, best]
 
 

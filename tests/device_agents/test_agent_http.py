@@ -7,6 +7,8 @@ import time
 import httpx
 import openai
 import pytest
+from fakes import Script, ScriptedEndpoint, cheap_device_profiles
+
 from disco.device_agents.agent import AgentConfig, DeviceAgent
 from disco.device_agents.agent_http import (
     BackgroundServer,
@@ -17,7 +19,6 @@ from disco.device_agents.agent_http import (
 from disco.device_agents.coordinator import Coordinator
 from disco.device_agents.local_planner import StaticPlanner
 from disco.scheduler.types import EndpointKind
-from fakes import Script, ScriptedEndpoint, cheap_device_profiles
 
 S, D = EndpointKind.SERVER, EndpointKind.DEVICE
 

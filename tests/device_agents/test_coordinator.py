@@ -11,11 +11,12 @@ import time
 from dataclasses import replace
 
 import pytest
+from fakes import Script, ScriptedEndpoint, cheap_device_profiles, cheap_server_profiles
+
 from disco.device_agents.coordinator import Coordinator, CoordinatorConfig, StreamFailedError
 from disco.scheduler.endpoint import GenerationRequest
 from disco.scheduler.migration import MigrationConfig
 from disco.scheduler.types import EndpointKind, MigrationRule, Plan, Request
-from fakes import Script, ScriptedEndpoint, cheap_device_profiles, cheap_server_profiles
 
 S, D = EndpointKind.SERVER, EndpointKind.DEVICE
 SLOW, FAST = 0.4, 0.01

@@ -9,13 +9,14 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
+from fakes import FailAfter, cheap_device_profiles  # noqa: E402
+
 from disco.device_agents.coordinator import Coordinator, CoordinatorConfig  # noqa: E402
 from disco.device_agents.engines.emulated import EmulatedEndpoint  # noqa: E402
 from disco.device_agents.models import ModelUnavailableError  # noqa: E402
 from disco.scheduler.endpoint import GenerationRequest  # noqa: E402
 from disco.scheduler.migration import MigrationConfig  # noqa: E402
 from disco.scheduler.types import EndpointKind, MigrationRule, Plan, Request  # noqa: E402
-from fakes import FailAfter, cheap_device_profiles  # noqa: E402
 
 S, D = EndpointKind.SERVER, EndpointKind.DEVICE
 PROMPT = "The three primary colors are"

@@ -6,6 +6,7 @@ import asyncio
 import pickle
 
 import pytest
+
 from disco.device_agents.fleet import EmulatedFleet, FleetConfig
 from disco.device_agents.local_planner import StaticPlanner
 from disco.device_agents.network import NetworkConfig

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fakes import Script, ScriptedEndpoint
+
 from disco.device_agents.network import DISTRIBUTIONS, NetworkConfig, NetworkEndpoint
 from disco.scheduler.endpoint import EndpointFailedError, GenerationRequest
 from disco.scheduler.types import EndpointKind
-from fakes import Script, ScriptedEndpoint
 
 
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
