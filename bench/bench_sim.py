@@ -183,7 +183,10 @@ def main() -> int:
         "trace instead (a bound, not a causal policy).",
         "- DiSCo-D: Kaplan-Meier server TTFT over a 2,000-request window, 16 length buckets, "
         "tail stage for P99 then a Lagrangian over (bucket, wait) for the mean; DiSCo-S: the "
-        "length threshold; both with budget feedback (deficit repaid over 4 recomputes of 100).",
+        "length threshold; both with budget feedback (deficit repaid over 4 recomputes of 100). "
+        "DiSCo-D also builds a length-dominating wait table (w = 0 up to the length split at b, "
+        "capped waits for short prompts, then the mean stage) and keeps the two-stage table only "
+        "when the window estimates its P99 lower by more than 3% (`candidate_tol`).",
         "- Migration is decided at the first token with the online conditional mean of the output "
         "length; the race's loser, when it is the target, keeps its prefilled prompt. The switch "
         "waits for the target, so P99 TBT and QoE do not change; only output tokens move, so the "
