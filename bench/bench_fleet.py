@@ -262,21 +262,10 @@ def write_table(rows, args, floor: dict[str, float]) -> None:
             f"| {med(r.load1 for r in runs):.1f} | {med(r.cpu_pressure for r in runs):.0f} |"
         )
     split = ", ".join(f"`{p}` {v:.1f} us" for p, v in floor.items())
-    # Contention-free capacity estimate: streams one core holds at 70 % busy, from CPU per token
-    # (taken at the smallest fleet: a lagging loop batches work and looks cheaper per token).
-    capacity = []
-    for profile in args.profiles:
-        runs = min((r for r in rows if r[0] == profile), key=lambda r: r[1])[3]
-        c_us = med(r.cpu_us_per_token for r in runs)
-        tps = load_profile(profile, "device").decode_tps
-        capacity.append(f"`{profile}` ~{0.7e6 / (c_us * tps):.0f} streams ({c_us:.0f} us/token)")
     lines += [
         "",
         f"CPU per token of the emulated engine alone (300 streams, no agent/coordinator): {split};",
         "the rest of the CPU per token above is the agent, the coordinator and the benchmark's user.",
-        "",
-        "Streams one core can hold at 70 % busy, from CPU per token alone (what the table would",
-        f"show on a quiet machine): {', '.join(capacity)}.",
         "",
         "Machine: 2 shared cores (other work running), Python 3.11, asyncio default loop.",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from disco.scheduler.endpoint import EndpointFailedError, GenerationRequest, InvalidRequestError
 from disco.scheduler.profiles import (
     DEVICE_PROFILES,

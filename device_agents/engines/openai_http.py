@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
 from disco.scheduler.endpoint import EndpointFailedError, GenerationRequest, InvalidRequestError
 from disco.scheduler.types import EndpointKind, TokenEvent
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from disco.cluster.cli import main
 from disco.scheduler.profiles import load_profile
 

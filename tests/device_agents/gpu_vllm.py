@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from disco.device_agents.models import TEST_MODEL, resolve_model
 
 

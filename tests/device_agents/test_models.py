@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from disco.device_agents import models
 from disco.device_agents.models import ModelUnavailableError, resolve_model
 

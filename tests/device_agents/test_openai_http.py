@@ -5,10 +5,11 @@ from __future__ import annotations
 import socket
 
 import pytest
+from openai_stub import serve_openai
+
 from disco.device_agents.engines.emulated import EmulatedEndpoint
 from disco.device_agents.engines.openai_http import OpenAIConfig, OpenAIEndpoint, _split
 from disco.scheduler.endpoint import EndpointFailedError, GenerationRequest
-from openai_stub import serve_openai
 
 
 @pytest.fixture(scope="module")
