@@ -87,26 +87,34 @@ def main() -> None:
             print(f"rate {rate:g}/s run {run}: {r['requests']} requests, send error P50 "
                   f"{r['send_p50']:.2f} ms P99 {r['send_p99']:.2f} ms max {r['send_max']:.2f} ms; "
                   f"arrival error P99 {r['arr_p99']:.2f} ms (load {r['load1']:.2f})", flush=True)  # fmt: skip
-    if a.write:
+    if a.write or a.append:
         write(rows, a)
 
 
+HEADER = [
+    "# Load generator: open-loop pacing accuracy",
+    "",
+    "Poisson arrivals replayed by Locust (headless, own process, shared open-loop pacer) against "
+    "a loopback SSE server (5 ms TTFT, 2 ms/token, <= 16 tokens). *Send error*: the user's send "
+    "time minus the scheduled time (target P99 <= 5 ms). *Arrival error*: the server's receive "
+    "time minus the scheduled time (same system-wide monotonic clock), which adds the HTTP write "
+    "and accept. `load` is the 1-minute load average when the run started (the machine is "
+    "shared with other work). `--nice -5` raises Locust's CPU priority (as `disco demo` does). "
+    "`achieved`: requests sent / time of the last send (the Poisson draw's own rate).",
+    "",
+]
+
+
 def write(rows: list[dict], a: argparse.Namespace) -> None:
+    """``--write`` starts the file; ``--append`` adds this invocation as one more section."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        "# Load generator: open-loop pacing accuracy",
+        f"## {now}, nice {a.nice}",
         "",
-        f"Measured {now} on {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}, with `python bench/bench_pacing.py --rates "
-        f"{' '.join(f'{r:g}' for r in a.rates)} --duration {a.duration:g} --users {a.users} "
-        f"--runs {a.runs} --spin-ms {a.spin_ms:g} --nice {a.nice} --write`.",
-        "",
-        "Poisson arrivals replayed by Locust (headless, own process, shared open-loop pacer) "
-        "against a loopback SSE server (5 ms TTFT, 2 ms/token, <= 16 tokens). *Send error*: the "
-        "user's send time minus the scheduled time (target P99 <= 5 ms). *Arrival error*: the "
-        "server's receive time minus the scheduled time (same system-wide monotonic clock), "
-        "which adds the HTTP write and accept. `load` is the 1-minute load average when the run "
-        "started (the machine is shared).",
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}: "
+        f"`python bench/bench_pacing.py --rates {' '.join(f'{r:g}' for r in a.rates)} "
+        f"--duration {a.duration:g} --users {a.users} --runs {a.runs} --spin-ms {a.spin_ms:g} "
+        f"--nice {a.nice}`.",
         "",
         "| rate (req/s) | achieved | requests | errors | users | send P50 ms | send P99 ms | "
         "send max ms | arrival P50 ms | arrival P99 ms | load |",
@@ -119,9 +127,14 @@ def write(rows: list[dict], a: argparse.Namespace) -> None:
             f"{r['arr_p50']:.2f} | {r['arr_p99']:.2f} | {r['load1']:.2f} |"
         )
     ok = all(r["send_p99"] <= 5.0 for r in rows)
-    lines += ["", f"Target send P99 <= 5 ms: {'met' if ok else 'NOT met'} in every run.", ""]
+    lines += [
+        "",
+        f"Target send P99 <= 5 ms: {'met in every run' if ok else 'NOT met in every run'}.",
+        "",
+    ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
+    before = RESULTS.read_text() if a.append and RESULTS.exists() else "\n".join(HEADER)
+    RESULTS.write_text(before.rstrip("\n") + "\n\n" + "\n".join(lines))
     print(f"wrote {RESULTS}")
 
 

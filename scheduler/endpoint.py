@@ -73,6 +73,10 @@ class Endpoint(Protocol):
 
     def stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]: ...
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes in this engine (an estimate where the engine has no tokenizer)."""
+        ...
+
     async def close(self) -> None:
         """Release the engine's resources (model memory, connections)."""
         ...

@@ -110,6 +110,8 @@ class VLLMEndpoint:
         return len(self._tokenizer.encode(text, add_special_tokens=False)) if text else 0
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        if self._engine is None:
+            raise EndpointFailedError(f"{self.name} is closed")
         req.validate()
         tok = await self._tok()
         ids = list(tok.encode(req.prompt))
@@ -163,7 +165,12 @@ class VLLMEndpoint:
                 await self._engine.abort(rid)  # explicit too: a no-op if already gone
 
     async def close(self) -> None:
-        self._engine.shutdown()
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()
+            # Drop it now, while modules are alive: vLLM's __del__ shuts down again and fails
+            # noisily if that first happens at interpreter exit.
+            del engine
 
 
 def _finish(reason: str | None) -> str | None:

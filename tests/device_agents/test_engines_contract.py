@@ -162,6 +162,7 @@ async def test_cancel_stops_within_one_token(case: Case):
     before = case.produced()
     it = case.endpoint.stream(GenerationRequest(PROMPT, 200))
     seen = [await anext(it) for _ in range(3)]
+    at_close = case.produced()  # the engine may have run ahead of the consumer: that is fine
     await it.aclose()
     with pytest.raises(StopAsyncIteration):
         await anext(it)  # nothing after close
@@ -170,10 +171,12 @@ async def test_cancel_stops_within_one_token(case: Case):
             break
         await asyncio.sleep(0.01)
     assert not case.busy()
-    made = case.produced() - before
-    # At most the step in progress when the stream closed (over HTTP: plus one in flight).
-    slack = 1 if case.endpoint.name.startswith(("llamacpp", "emulated")) else 2
-    assert len(seen) <= made <= len(seen) + slack
+    assert case.produced() - before >= len(seen)
+    # In process: at most the step in progress when the stream closed. Remote (HTTP, vLLM's
+    # engine process): the server stops when it sees the disconnect or abort, which can take a
+    # few steps on a loaded machine.
+    slack = 1 if case.endpoint.name.startswith(("llamacpp", "emulated")) else 5
+    assert case.produced() - at_close <= slack
 
 
 async def test_two_concurrent_streams(case: Case):
