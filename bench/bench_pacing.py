@@ -72,11 +72,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--spin-ms", type=float, default=1.0, help="pacer spin before each send")
     ap.add_argument("--nice", type=int, default=0, help="Locust's nice value (< 0 needs root)")
-    ap.add_argument(
-        "--write",
-        action="store_true",
-        help=f"write {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}",
-    )
+    ap.add_argument("--write", action="store_true", help="start bench/results/loadgen.md anew")
+    ap.add_argument("--append", action="store_true", help="add a section to loadgen.md")
     a = ap.parse_args()
     corpus = Corpus.stdlib()
     rows = []
