@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 import ray
+
 from disco.cluster.config import (
     AgentConfig,
     RayConfig,

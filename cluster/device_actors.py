@@ -13,6 +13,7 @@ import contextlib
 from typing import Any
 
 import ray
+
 from disco.cluster.config import AgentConfig, FleetConfig, TestbedConfig, to_dict
 from disco.cluster.planner_client import ActorPlanner
 from disco.cluster.resolve import build_engine
@@ -207,6 +208,7 @@ class DeviceAgentActor:
     async def start(self) -> str:
         """Serve the agent's HTTP API on the actor's event loop; returns its base URL."""
         import uvicorn
+
         from disco.device_agents.agent_http import HttpConfig, create_app
 
         http = HttpConfig(host=self.cfg.host, port=self.cfg.port, api_key=self.cfg.api_key)

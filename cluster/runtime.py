@@ -72,8 +72,9 @@ def start_serve(cfg: ServerConfig) -> int:
 
 def deploy_server(cfg: ServerConfig) -> Any:
     """Deploy (or update) the server application, wait until it is ready; returns its handle."""
-    from disco.cluster.serve_app import build_app
     from ray import serve
+
+    from disco.cluster.serve_app import build_app
 
     return serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
 
@@ -92,6 +93,7 @@ def check_capacity(cfg: TestbedConfig) -> None:
     import math
 
     import ray
+
     from disco.cluster.config import ConfigError
 
     have = ray.cluster_resources()

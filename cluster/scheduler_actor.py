@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import ray
+
 from disco.cluster import wire
 from disco.cluster.config import SchedulerConfig, from_dict, to_dict
 from disco.cluster.resolve import build_policy

@@ -25,6 +25,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
 from disco.cluster.config import ServerConfig, from_dict, to_dict
 from disco.cluster.openai_wire import (
     SSE_DONE,
@@ -41,9 +45,6 @@ from disco.cluster.resolve import build_engine
 from disco.cluster.stream_batching import coalesce, prepend
 from disco.scheduler.endpoint import EndpointFailedError, InvalidRequestError
 from disco.scheduler.types import TokenEvent
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from ray import serve
 
 DEPLOYMENT_NAME = "DiscoServer"
 API_KEY_ENV = "DISCO_SERVER_API_KEY"

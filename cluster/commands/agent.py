@@ -55,6 +55,7 @@ def _planner(args: argparse.Namespace, sp, dp):  # noqa: ANN001, ANN202 - heavy 
 
     if args.scheduler:
         import ray
+
         from disco.cluster.planner_client import ActorPlanner
 
         try:

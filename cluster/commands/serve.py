@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     import ray
+
     from disco.cluster.runtime import check_capacity, deploy_server, server_url, start_serve
     from disco.cluster.scheduler_actor import start_scheduler
 

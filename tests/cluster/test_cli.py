@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from disco.cluster import cli
 from disco.cluster.commands import bench
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from disco.cluster.cli import main
 from disco.cluster.config import (
     ConfigError,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from doubles import CountingPolicy, UnpicklablePolicy  # tests/cluster is on sys.path (pytest)
+
 from disco.cluster import wire
 from disco.cluster.planner_client import ActorPlanner
 from disco.cluster.scheduler_state import BudgetLedger, FileStore, SchedulerCore
 from disco.scheduler.policies.base import PolicyConfig
 from disco.scheduler.profiles import DEVICE_PROFILES, SERVER_PROFILES
 from disco.scheduler.types import EndpointKind, Regime, Request, RequestOutcome
-from doubles import CountingPolicy, UnpicklablePolicy  # tests/cluster is on sys.path (pytest)
 
 
 def _policy(cls=CountingPolicy):
