@@ -37,6 +37,16 @@ def server_endpoint(
     return build_engine("openai", {"base_url": server_url, **kw})
 
 
+def require_handle(section: str, server_handle: Any) -> None:
+    """A device side configured to reach the server through a Serve handle must be given one:
+    without it, it would silently reach some other server (HTTP or its own emulated one)."""
+    if server_handle is None:
+        raise ValueError(
+            f"{section}.server is 'handle' but no Serve DeploymentHandle was passed: pass the "
+            f"server app's handle (Testbed.server_handle), or set {section}.server to 'http'"
+        )
+
+
 def profiles(server: str, device: str) -> tuple[ServerProfile, DeviceProfile]:
     sp, dp = load_profile(server, "server"), load_profile(device, "device")
     assert isinstance(sp, ServerProfile) and isinstance(dp, DeviceProfile)
@@ -88,6 +98,8 @@ class FleetActor:
         from disco.device_agents.network import NetworkConfig
 
         cfg = from_dict(FleetConfig, fleet, "fleet")
+        if cfg.server == "handle":
+            require_handle("fleet", server_handle)
         net = cfg.network
         dcfg = DeviceFleetConfig(
             n_devices=n_devices,
@@ -138,6 +150,47 @@ class FleetActor:
         await self.fleet.close()
 
 
+class FleetHttpActor(FleetActor):
+    """A FleetActor plus one OpenAI-compatible HTTP API per emulated device, mounted at
+    ``/devices/<id>`` (the same app a real agent serves), so a load generator can reach every
+    device over HTTP like a real one. Call ``serve_http`` once after construction; ``stop_http``
+    stops the HTTP front and closes the fleet."""
+
+    _http: Any = None
+    _http_task: asyncio.Task | None = None
+
+    async def serve_http(self, host: str = "127.0.0.1", port: int = 0) -> list[str]:
+        """Start the HTTP front on the actor's event loop; returns one base URL per device."""
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.routing import Mount
+
+        from disco.device_agents.agent_http import create_app
+
+        ids = self.fleet.device_ids()
+        routes = [Mount(f"/devices/{d}", app=create_app(self.fleet.agent(d))) for d in ids]
+        cfg = uvicorn.Config(Starlette(routes=routes), host=host, port=port,
+                             log_level="warning", lifespan="off")  # fmt: skip
+        self._http = uvicorn.Server(cfg)
+        self._http_task = asyncio.create_task(self._http.serve())
+        for _ in range(1000):  # bounded: ~10 s
+            if self._http.started:
+                h, p = self._http.servers[0].sockets[0].getsockname()[:2]
+                return [f"http://{h}:{p}/devices/{d}" for d in ids]
+            if self._http_task.done():
+                self._http_task.result()
+                break
+            await asyncio.sleep(0.01)
+        raise RuntimeError("the fleet's HTTP front did not start")
+
+    async def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._http_task, 10)
+        await self.close()
+
+
 def _placement(num_cpus: float, resources: dict[str, float]) -> dict[str, Any]:
     opts: dict[str, Any] = {"num_cpus": num_cpus}
     if resources:
@@ -146,13 +199,21 @@ def _placement(num_cpus: float, resources: dict[str, float]) -> dict[str, Any]:
 
 
 def start_fleets(
-    cfg: TestbedConfig, server_url: str, scheduler: Any, server_handle: Any = None
+    cfg: TestbedConfig,
+    server_url: str,
+    scheduler: Any,
+    server_handle: Any = None,
+    *,
+    actor_class: type[FleetActor] = FleetActor,
 ) -> list[Any]:
-    """One FleetActor per ``devices_per_actor`` devices; returns their handles once ready."""
+    """One fleet actor (``actor_class``, e.g. ``FleetHttpActor``) per ``devices_per_actor``
+    devices; returns their handles once ready."""
     f = cfg.fleet
     if f.devices == 0:
         return []
-    cls = ray.remote(FleetActor).options(**_placement(f.num_cpus, f.resources))
+    if f.server == "handle":
+        require_handle("fleet", server_handle)
+    cls = ray.remote(actor_class).options(**_placement(f.num_cpus, f.resources))
     handles, left, i = [], f.devices, 0
     while left > 0:
         n = min(left, f.devices_per_actor)
@@ -187,6 +248,8 @@ class DeviceAgentActor:
         from disco.cluster.config import from_dict
 
         self.cfg = from_dict(AgentConfig, agent, "agent")
+        if self.cfg.server == "handle":
+            require_handle("agent", server_handle)
         handle = server_handle if self.cfg.server == "handle" else None
         kwargs = dict(self.cfg.engine_kwargs)
         if self.cfg.engine == "llamacpp":
@@ -267,6 +330,8 @@ def start_agent(
     cfg: TestbedConfig, server_url: str, scheduler: Any, server_handle: Any = None
 ) -> tuple[Any, str]:
     a = cfg.agent
+    if a.server == "handle":
+        require_handle("agent", server_handle)
     cls = ray.remote(DeviceAgentActor).options(
         **_placement(a.num_cpus, a.resources), max_concurrency=1000
     )
@@ -280,8 +345,10 @@ def start_agent(
 __all__ = [
     "DeviceAgentActor",
     "FleetActor",
+    "FleetHttpActor",
     "build_agent",
     "profiles",
+    "require_handle",
     "server_endpoint",
     "start_agent",
     "start_fleets",

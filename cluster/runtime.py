@@ -19,12 +19,19 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from disco.cluster.config import ServerConfig, TestbedConfig
+from disco.cluster.config import (
+    AgentConfig,
+    FleetConfig,
+    SchedulerConfig,
+    ServerConfig,
+    TestbedConfig,
+)
 
 SERVE_READY_TIMEOUT_S = 120.0
+NAME_RELEASE_TRIES, NAME_RELEASE_WAIT_S = 20, 0.25  # re-creating a just-killed named actor
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -34,7 +41,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def connect_ray(cfg: TestbedConfig) -> bool:
-    """Initialise Ray unless the caller already did; True if this call started or joined it."""
+    """Initialise Ray unless the caller already did; True if this call started or joined it.
+
+    ``ray.address`` (or ``RAY_ADDRESS``) joins that cluster; without one, a new local Ray is
+    started with ``ray.num_cpus`` and ``ray.include_dashboard``."""
     import ray
 
     if ray.is_initialized():
@@ -43,7 +53,10 @@ def connect_ray(cfg: TestbedConfig) -> bool:
     if address:
         ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=False)
     else:
+        # "local": always a fresh embedded instance; a bare ray.init() would join a cluster
+        # that someone else started on this machine (and ignore num_cpus / the dashboard flag).
         ray.init(
+            address="local",
             num_cpus=cfg.ray.num_cpus,
             include_dashboard=cfg.ray.include_dashboard,
             namespace=cfg.ray.namespace,
@@ -132,6 +145,9 @@ class Testbed:
     agent: Any = None  # DeviceAgentActor handle
     agent_url: str | None = None
     owns_ray: bool = False
+    # With fleet_http (see restart_device_side): one agent HTTP API per emulated device.
+    fleet_http: bool = False
+    fleet_urls: list[str] = field(default_factory=list)
 
     @classmethod
     def start(cls, config: TestbedConfig | None = None) -> Testbed:
@@ -155,17 +171,84 @@ class Testbed:
                 _stop(owns)
             raise
 
-    def _start_devices(self) -> None:
+    def _start_devices(self, fleet_http: bool = False) -> None:
+        import ray
+
         from disco.cluster import device_actors
 
         cfg = self.config
+        actor_class = device_actors.FleetHttpActor if fleet_http else device_actors.FleetActor
+        self.fleet_http = fleet_http
         self.fleets = device_actors.start_fleets(
-            cfg, self.server_url, self.scheduler, self.server_handle
+            cfg, self.server_url, self.scheduler, self.server_handle, actor_class=actor_class
         )
         if cfg.agent.enabled:
             self.agent, self.agent_url = device_actors.start_agent(
                 cfg, self.server_url, self.scheduler, self.server_handle
             )
+        if fleet_http:
+            per_actor = ray.get([f.serve_http.remote() for f in self.fleets])
+            self.fleet_urls = [u for urls in per_actor for u in urls]
+
+    @property
+    def device_urls(self) -> list[str]:
+        """Every device's HTTP API: the real agent's, then the emulated ones' (fleet_http)."""
+        return ([self.agent_url] if self.agent_url else []) + list(self.fleet_urls)
+
+    def stop_device_side(self, timeout_s: float = 15.0) -> None:
+        """Stop the fleets, the agent and the scheduler actor (each given ``timeout_s`` to close
+        its HTTP server and drain), then kill them; Ray, Serve and the server app stay up.
+        Idempotent."""
+        import ray
+
+        stops = [(f, "stop_http" if self.fleet_http else "close") for f in self.fleets]
+        if self.agent is not None:
+            stops.append((self.agent, "stop"))
+        for handle, method in stops:
+            with contextlib.suppress(Exception):
+                ray.get(getattr(handle, method).remote(), timeout=timeout_s)
+        for h in [*self.fleets, self.agent, self.scheduler]:
+            if h is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(h, no_restart=True)
+        self.fleets, self.fleet_urls = [], []
+        self.agent, self.agent_url, self.scheduler = None, None, None
+
+    def restart_device_side(
+        self,
+        scheduler: SchedulerConfig | None = None,
+        *,
+        fleet: FleetConfig | None = None,
+        agent: AgentConfig | None = None,
+        fleet_http: bool = False,
+    ) -> None:
+        """A fresh scheduler actor, device agent and fleet (budgets, online estimates and
+        counters from zero) with the given config sections (None: keep the current one); Ray,
+        Serve and the server replicas stay up. ``fleet_http`` starts ``FleetHttpActor`` fleets
+        and fills ``fleet_urls`` (see ``device_urls``)."""
+        import time
+
+        import ray
+
+        from disco.cluster.scheduler_actor import start_scheduler
+
+        self.stop_device_side()
+        self.config = replace(
+            self.config,
+            scheduler=self.config.scheduler if scheduler is None else scheduler,
+            fleet=self.config.fleet if fleet is None else fleet,
+            agent=self.config.agent if agent is None else agent,
+        )
+        for i in range(NAME_RELEASE_TRIES):
+            try:  # a killed named actor releases its name asynchronously: retry briefly
+                self.scheduler = start_scheduler(self.config.scheduler)
+                break
+            except ValueError:
+                if i == NAME_RELEASE_TRIES - 1:
+                    raise
+                time.sleep(NAME_RELEASE_WAIT_S)
+        ray.get(self.scheduler.ping.remote())
+        self._start_devices(fleet_http)
 
     def planner(self, **kwargs: Any) -> Any:
         """A Planner over the scheduler actor (``disco.scheduler.planner.Planner``)."""
@@ -191,7 +274,7 @@ class Testbed:
             if h is not None:
                 with contextlib.suppress(Exception):
                     ray.kill(h, no_restart=True)
-        self.fleets, self.agent = [], None
+        self.fleets, self.fleet_urls, self.agent = [], [], None
         with contextlib.suppress(Exception):
             serve.delete(self.config.server.app_name)
         if self.owns_ray:

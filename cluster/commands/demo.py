@@ -4,7 +4,7 @@
    serve, and builds real prompts of the trace's lengths (capped for the small models).
 2. Starts the testbed through the runtime (``Testbed.start``): local Ray, a server replica
    (llama.cpp on CPU; vLLM where a CUDA GPU and vLLM are present), the scheduler actor, a real
-   llama.cpp device agent, and an emulated fleet given an HTTP front here (see ``FleetHttpActor``).
+   llama.cpp device agent, and an emulated fleet with an HTTP front per device (``FleetHttpActor``).
 3. For each policy: a fresh scheduler actor, device agent and fleet (so budgets, online estimates
    and counters start from zero; Ray, Serve and the server replica stay up), then the same
    schedule replayed open-loop by Locust in its own process (``disco.loadgen``).
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
-import subprocess
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -108,17 +106,9 @@ def _policies(spec: str) -> list[str]:
     return names
 
 
-def has_cuda_gpu() -> bool:
-    if not shutil.which("nvidia-smi"):
-        return False
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and "GPU" in out.stdout
-
-
 def _server_engine(choice: str) -> str:
+    from disco.cluster.gpu import has_cuda_gpu
+
     if choice != "auto":
         return choice
     if has_cuda_gpu():
@@ -184,131 +174,19 @@ def testbed_config(
     )
 
 
-# ---- the emulated fleet's HTTP front ---------------------------------------------------------------
-
-
-def _fleet_http_actor_class() -> type:
-    """Defined lazily: the base class imports Ray, and ``disco --help`` must not."""
-    from disco.cluster.device_actors import FleetActor
-
-    class FleetHttpActor(FleetActor):
-        """The runtime's FleetActor plus one OpenAI-compatible HTTP API per emulated device,
-        mounted at ``/devices/<id>`` (the same app a real agent serves), so Locust can reach
-        every device over HTTP like the real one."""
-
-        async def serve_http(self) -> list[str]:
-            import asyncio
-
-            import uvicorn
-            from starlette.applications import Starlette
-            from starlette.routing import Mount
-
-            from disco.device_agents.agent_http import create_app
-
-            ids = self.fleet.device_ids()
-            routes = [Mount(f"/devices/{d}", app=create_app(self.fleet.agent(d))) for d in ids]
-            cfg = uvicorn.Config(Starlette(routes=routes), host="127.0.0.1", port=0,
-                                 log_level="warning", lifespan="off")  # fmt: skip
-            self._http = uvicorn.Server(cfg)
-            self._http_task = asyncio.create_task(self._http.serve())
-            for _ in range(1000):  # bounded: ~10 s
-                if self._http.started:
-                    host, port = self._http.servers[0].sockets[0].getsockname()[:2]
-                    return [f"http://{host}:{port}/devices/{d}" for d in ids]
-                if self._http_task.done():
-                    self._http_task.result()
-                    break
-                await asyncio.sleep(0.01)
-            raise RuntimeError("the fleet's HTTP front did not start")
-
-        async def stop_http(self) -> None:
-            import asyncio
-
-            if getattr(self, "_http", None) is not None:
-                self._http.should_exit = True
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._http_task, 10)
-            await self.close()
-
-    return FleetHttpActor
-
-
-@dataclass
-class DeviceSide:
-    """The control plane started per policy: scheduler actor, real agent, emulated fleet."""
-
-    scheduler: Any
-    agent: Any
-    agent_url: str | None
-    fleet: Any
-    fleet_urls: list[str]
-
-    @property
-    def targets(self) -> list[str]:
-        return ([self.agent_url] if self.agent_url else []) + self.fleet_urls
-
-
-def start_device_side(cfg: Any, server_url: str, server_handle: Any, devices: int) -> DeviceSide:
-    import ray
-
-    from disco.cluster import device_actors
-    from disco.cluster.config import to_dict
-    from disco.cluster.scheduler_actor import start_scheduler
-
-    scheduler = _retry(lambda: start_scheduler(cfg.scheduler))
-    ray.get(scheduler.ping.remote())
-    agent, agent_url = (None, None)
-    if cfg.agent.enabled:
-        agent, agent_url = device_actors.start_agent(cfg, server_url, scheduler, server_handle)
-    fleet, urls = None, []
-    if devices > 0:
-        fcfg = replace(cfg.fleet, devices=devices)
-        cls = ray.remote(_fleet_http_actor_class()).options(num_cpus=0)
-        fleet = cls.remote(to_dict(fcfg), 0, devices, cfg.scheduler.server_profile, server_url,
-                           cfg.server.model_name, scheduler, server_handle)  # fmt: skip
-        urls = ray.get(fleet.serve_http.remote())
-    return DeviceSide(scheduler, agent, agent_url, fleet, urls)
-
-
-def stop_device_side(ds: DeviceSide) -> None:
-    import ray
-
-    for handle, method in ((ds.fleet, "stop_http"), (ds.agent, "stop")):
-        if handle is not None:
-            with contextlib.suppress(Exception):
-                ray.get(getattr(handle, method).remote(), timeout=15)
-    for h in (ds.fleet, ds.agent, ds.scheduler):
-        if h is not None:
-            with contextlib.suppress(Exception):
-                ray.kill(h, no_restart=True)
-
-
-def _retry(fn, tries: int = 20, wait_s: float = 0.25):
-    """A killed named actor releases its name asynchronously: retry the re-creation briefly."""
-    for i in range(tries):
-        try:
-            return fn()
-        except ValueError:
-            if i == tries - 1:
-                raise
-            time.sleep(wait_s)
-    raise AssertionError("unreachable")
-
-
-def device_totals(ds: DeviceSide) -> dict[str, Any]:
-    """Cost, energy and migrations from the devices' own counters; budget used from the
-    outcomes they reported to the scheduler."""
+def device_totals(tb: Any) -> dict[str, Any]:
+    """Cost, energy and migrations from the devices' own counters (the testbed's agent and
+    fleets); budget used from the outcomes they reported to the scheduler."""
     import ray
 
     parts = []
-    if ds.agent is not None:
-        parts.append(ray.get(ds.agent.metrics.remote(), timeout=30))
-    if ds.fleet is not None:
-        parts.append(ray.get(ds.fleet.stats.remote(), timeout=30))
+    if tb.agent is not None:
+        parts.append(ray.get(tb.agent.metrics.remote(), timeout=30))
+    parts.extend(ray.get([f.stats.remote() for f in tb.fleets], timeout=30))
     keys = ("server_cost_usd", "device_energy_j", "migrations", "tokens_server", "tokens_device",
             "completed", "failed", "planner_errors")  # fmt: skip
     tot = {k: sum(p.get(k, 0) for p in parts) for k in keys}
-    stats = ray.get(ds.scheduler.stats.remote(), timeout=30)
+    stats = ray.get(tb.scheduler.stats.remote(), timeout=30)
     tot["budget_used"] = stats.get("spent_ratio")
     tot["ledger"] = stats.get("ledger")
     return tot
@@ -377,22 +255,24 @@ def _run_policies(cfg, policies, reqs, placeholders, opts, size, out):
         _stop_ray()
         raise
     say(f"testbed up in {time.monotonic() - t:.0f} s: server {tb.server_url}")
-    ds: DeviceSide | None = None
+    # One fleet actor with an HTTP front (FleetHttpActor) for all the emulated devices.
+    fleet = replace(cfg.fleet, devices=size.devices, devices_per_actor=max(size.devices, 1))
     try:
-        # The runtime's own scheduler actor is replaced per policy below.
-        _kill(tb.scheduler)
         for i, policy in enumerate(policies):
-            pcfg = replace(cfg, scheduler=replace(cfg.scheduler, policy=policy))
             t = time.monotonic()
-            ds = start_device_side(pcfg, tb.server_url, tb.server_handle, size.devices)
-            say(f"[{i + 1}/{len(policies)}] {policy}: scheduler, {len(ds.targets)} device(s) up "
+            # A fresh scheduler actor, agent and fleet per policy (the runtime's own scheduler
+            # actor is replaced by the first): budgets, estimates and counters start from zero.
+            tb.restart_device_side(replace(cfg.scheduler, policy=policy), fleet=fleet,
+                                   agent=cfg.agent, fleet_http=True)  # fmt: skip
+            targets = tb.device_urls
+            say(f"[{i + 1}/{len(policies)}] {policy}: scheduler, {len(targets)} device(s) up "
                 f"in {time.monotonic() - t:.0f} s; replaying {len(reqs)} requests...")  # fmt: skip
-            mapping = dict(zip(placeholders, ds.targets, strict=True))
+            mapping = dict(zip(placeholders, targets, strict=True))
             mine = [replace(r, target=mapping[r.target]) for r in reqs]
             popts = replace(opts, label=policy)
             res = replay(mine, out / policy, popts, say=lambda s: print("       " + s, flush=True))
             try:
-                dev = device_totals(ds)
+                dev = device_totals(tb)
             except Exception as e:  # noqa: BLE001 - e.g. actors gone after a Ctrl-C: keep the rest
                 say(f"device-side counters unavailable: {e!r}")
                 dev = {}
@@ -402,16 +282,13 @@ def _run_policies(cfg, policies, reqs, placeholders, opts, size, out):
             s = res.summary
             say(f"[{i + 1}/{len(policies)}] {policy}: {s['requests']} requests, {s['errors']} errors, "
                 f"TTFT P50 {_ms(s['ttft_p50'])} P99 {_ms(s['ttft_p99'])}")  # fmt: skip
-            stop_device_side(ds)
-            ds = None
+            tb.stop_device_side()
             if res.run.interrupted:
                 say("interrupted: skipping the remaining policies")
                 break
     finally:
-        if ds is not None:
-            stop_device_side(ds)
+        tb.stop_device_side()  # a no-op unless a policy's run raised
         say("shutting the testbed down...")
-        tb.scheduler = None  # already replaced and killed above
         tb.shutdown()
         _stop_ray()
     return rows, runs, seen
@@ -435,13 +312,6 @@ def _stop_ray() -> None:
     with contextlib.suppress(Exception):
         serve.shutdown()
     ray.shutdown()
-
-
-def _kill(handle: Any) -> None:
-    import ray
-
-    with contextlib.suppress(Exception):
-        ray.kill(handle, no_restart=True)
 
 
 ROW_KEYS = ("policy", "budget", "requests", "errors", "ttft_mean", "ttft_p50", "ttft_p99",
