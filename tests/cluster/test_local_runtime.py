@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -287,3 +288,42 @@ def test_testbed_refuses_what_the_cluster_cannot_place(cluster, server, needle):
     with pytest.raises(ConfigError, match=needle):
         Testbed.start(TestbedConfig(server=server))
     assert ray.is_initialized()  # it did not own Ray, so it left it running
+
+
+def test_restart_device_side_gives_fresh_actors_and_per_device_http(cluster):
+    """What ``disco demo`` does per policy: a new scheduler, fleet (HTTP front per device) and
+    counters, while Ray, Serve and the server app stay up."""
+    from disco.cluster.config import FleetConfig, NetworkConfig, TestbedConfig
+    from disco.cluster.runtime import Testbed
+
+    cfg = TestbedConfig(
+        server=ServerConfig(engine="emulated", engine_kwargs=FAST_SERVER, num_cpus=0.1,
+                            app_name="restart", route_prefix="/restart"),
+        scheduler=SchedulerConfig(policy="race", actor_name="sched-restart", checkpoint="none"),
+    )  # fmt: skip
+    fleet = FleetConfig(devices=2, time_scale=0.01,
+                        network=NetworkConfig(rtt_ms=1, jitter_ms=0, distribution="constant"))  # fmt: skip
+    tb = Testbed.start(cfg)
+    try:
+        assert tb.fleets == [] and tb.device_urls == []
+        tb.restart_device_side(fleet=fleet, fleet_http=True)
+        assert len(tb.fleets) == 1 and len(tb.device_urls) == 2
+        first = tb.scheduler
+        for url in tb.device_urls:
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3},
+                           timeout=60)  # fmt: skip
+            assert r.status_code == 200, r.text
+        assert ray.get(tb.scheduler.stats.remote())["plans"] == 2
+        tb.restart_device_side(replace(cfg.scheduler, policy="server-only"), fleet=fleet,
+                               fleet_http=True)  # fmt: skip
+        assert tb.scheduler is not first and tb.config.scheduler.policy == "server-only"
+        stats = ray.get(tb.scheduler.stats.remote())
+        assert stats["plans"] == 0 and stats["policy"] == "server-only"
+        assert ray.get(tb.fleets[0].stats.remote())["completed"] == 0
+        assert httpx.get(f"{tb.device_urls[0]}/health", timeout=10).status_code == 200
+        tb.stop_device_side()
+        assert tb.scheduler is None and tb.fleets == [] and tb.device_urls == []
+    finally:
+        tb.shutdown()
+    assert ray.is_initialized()  # it did not own Ray
+
