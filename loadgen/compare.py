@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from disco.scheduler.migration import MigrationConfig
 from disco.scheduler.profiles import DeviceProfile, ServerProfile
-from disco.scheduler.simulator import SweepSpec, World, sweep
+from disco.scheduler.simulator import SimSettings, SweepSpec, World, sweep
 from disco.scheduler.traces import TraceRecord
 from disco.scheduler.types import Regime
 
@@ -114,9 +115,12 @@ def simulate(
     policy that recomputes every 100 never leaves its initial state.
     """
     world = World.build(trace_of(reqs), server, device, seed=seed)
+    # The live coordinator cancels a race's loser and cold-starts the migration target on prompt +
+    # prefix, so the prediction must not assume a warm, already-prefilled loser.
+    settings = SimSettings(migration=MigrationConfig(reuse_loser=False))
     spec = SweepSpec(regime=regime, budgets=(budget,), policies=tuple(policies),
                      migration=(True,), seed=seed, window=window,
-                     recompute_every=recompute_every)  # fmt: skip
+                     recompute_every=recompute_every, settings=settings)  # fmt: skip
     return {row["policy"]: row for row in sweep(world, spec)}
 
 
