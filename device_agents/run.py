@@ -249,7 +249,14 @@ class RequestRun:
         now = self.clock()
         if self.switch_deadline is not None and now >= self.switch_deadline:
             self.switch_deadline = None
-            if self.target is not None and self.target is self.migration_leg:
+            source = self.active
+            if (
+                self.target is not None
+                and self.target is self.migration_leg
+                and source is not None
+                and source.live
+            ):
+                # Abandon only while the source can still finish the request.
                 self.migration_abandoned = True
                 self._abort_target()  # the source's held tokens go out now
         for leg in list(self.legs):
@@ -482,7 +489,15 @@ class RequestRun:
         if leg is self.active:
             self.active = None
             if self.target is not None:
-                return  # the migration target is about to take over anyway
+                # The migration target, already prefilling from the delivered boundary, becomes
+                # the failover target: no switch deadline can abandon it now (it is the only
+                # endpoint left), and it takes over as a failover, not as a migration.
+                leg.spec.clear()  # held tokens of a dead source are never delivered
+                self.switch_deadline = None
+                self.migration_leg = None
+                self.failovers += 1
+                self.migrate_at = self.migrate_to = None  # no migration after a failover
+                return
             other = leg.kind.other
             if other in self.dead or not self.c.config.failover:
                 self._fail("both endpoints failed" if other in self.dead else "endpoint failed")

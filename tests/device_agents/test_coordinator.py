@@ -251,6 +251,29 @@ async def test_source_failure_during_migration_hands_over_to_target():
     assert device.calls[-1].start_index == k
 
 
+async def test_source_failure_during_a_slow_migration_fails_over_to_the_target():
+    # The switch starts at ~7 delivered tokens with ~6 unread: at 40 tok/s the switch deadline
+    # (unread / read_tps) is ~0.15 s away. The source dies ~5 ms into the switch, and the
+    # target needs 1.5 s to start, 10x the deadline: the deadline must not abandon the target,
+    # which is now the failover target and the only endpoint left.
+    server = ScriptedEndpoint(S, Script(ttft=FAST, length=40, tbt=0.002, fail_after=9))
+    device = ScriptedEndpoint(D, Script(ttft=1.5, length=40))
+    sp, dp = cheap_device_profiles()
+    cfg = CoordinatorConfig(migration=MigrationConfig(rtt_s=0.005, read_tps=40.0))
+    coord = Coordinator(server, device, sp, dp, cfg)
+    plan = Plan("r1", 0.0, None, migration=MigrationRule(target=D, from_kind=S))
+    ex, events, o = await run(coord, plan, request(output_tokens=40))
+    assert_exactly_once(events, 40)
+    assert o.error is None and events[-1].finish_reason == "stop"
+    k = [e.source for e in events].index(D)
+    assert 0 < k <= 9 and [e.source for e in events] == [S] * k + [D] * (40 - k)
+    assert text_of(events[k:]) == "".join(f"d{i} " for i in range(k, 40))
+    (call,) = device.calls  # the migration's stream took over; none was started again
+    assert call.start_index == k and call.prefix == text_of(events[:k])
+    assert ex.failovers == 1 and not ex.migration_abandoned and o.migrated_at is None
+    assert len(ex.failures) == 1 and ex.failures[0].startswith("server: ")
+
+
 async def test_a_stalled_stream_fails_over():
     coord, server, device = make(
         Script(ttft=FAST, stall_after=5), Script(ttft=FAST), stall_timeout_s=0.1
@@ -280,15 +303,16 @@ async def test_silent_sole_stream_before_first_token_fails_over():
 
 
 async def test_slow_but_steady_stream_is_not_a_stall():
-    # 20 tokens 30 ms apart outlast the 100 ms stall limit several times over.
-    coord, server, device = make(Script(ttft=FAST, tbt=0.03), Script(), stall_timeout_s=0.1)
+    # 20 tokens 30 ms apart (0.6 s in all) outlast the 0.5 s stall limit, and no gap comes within
+    # 10x of it: the limit applies per gap, not to the whole stream.
+    coord, server, device = make(Script(ttft=FAST, tbt=0.03), Script(), stall_timeout_s=0.5)
     ex, events, o = await run(coord, Plan("r1", 0.0, None))
     assert {e.source for e in events} == {S} and ex.failures == [] and device.calls == []
 
 
 async def test_cancelling_the_consumer_is_not_taken_for_a_stall():
     coord, server, device = make(
-        Script(ttft=FAST, tbt=0.05, length=100), Script(), stall_timeout_s=0.2
+        Script(ttft=FAST, tbt=0.05, length=100), Script(), stall_timeout_s=0.5
     )
     ex = coord.execute(request(), GEN, Plan("r1", 0.0, None))
     got = []
@@ -364,11 +388,15 @@ async def test_random_scripts_never_lose_or_repeat_a_token(seed):
 
 
 # --- the same key cases against the emulated engine ------------------------------------------
-def emulated(server_ttft, device_base, scale=0.02, server_fail=None, device_fail=None):
+def emulated(
+    server_ttft, device_base, scale=0.02, server_fail=None, device_fail=None, server_tbt=None
+):
     from disco.device_agents.engines.emulated import EmulatedEndpoint
 
     sp, dp = cheap_device_profiles()
     sp = replace(sp, ttft_samples=(server_ttft,), ttft_mixture=())
+    if server_tbt is not None:
+        sp = replace(sp, tbt_s=server_tbt)
     dp = replace(dp, ttft_base_s=device_base)
     server = EmulatedEndpoint(sp, seed=1, time_scale=scale, fail_after_tokens=server_fail)
     device = EmulatedEndpoint(dp, seed=2, time_scale=scale, fail_after_tokens=device_fail)
@@ -387,7 +415,10 @@ async def test_emulated_race_is_won_by_the_faster_side(server_ttft, device_base,
 
 
 async def test_emulated_migration_server_to_device():
-    coord, server, device = emulated(0.05, 0.02, scale=1.0)  # real time: the switch races
+    # Real time. The switch starts at a few tokens; the device's first token comes ~25 ms later,
+    # while the 20 ms/token source needs over 1 s more to finish and the switch deadline
+    # (unread / read_tps) is ~0.4 s away: the target wins by 10x or more, so the switch happens.
+    coord, server, device = emulated(0.05, 0.02, scale=1.0, server_tbt=0.02)
     plan = Plan("r1", 0.0, None, migration=MigrationRule(target=D, from_kind=S))
     _, events, o = await run(coord, plan, request(output_tokens=60), GenerationRequest("hi", 60))
     assert_exactly_once(events, 60)
