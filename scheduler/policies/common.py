@@ -9,6 +9,12 @@ The one per-request piece of state is the budget guard ([R] ours): the constrain
 used for a request only if, even if it prefilled the whole prompt, the spent share of prompt tokens
 stays within ``b + guard_slack``. It makes ``budget_used <= b + guard_slack`` hold on any trace,
 short ones included, while the online feedback steers the long-run spend to ``b``.
+
+Live, many requests are planned before any of them is reported, so the guard also counts the
+requests in flight: planned, not yet observed. A definite start of the constrained endpoint
+reserves the whole prompt until its outcome arrives; a hedge (a delayed start that may never fire)
+reserves nothing, so concurrency does not starve hedging, and the feedback corrects what hedges
+spend. In the simulator ``observe`` follows ``plan`` at once, so nothing is ever in flight there.
 """
 
 from __future__ import annotations
@@ -147,7 +153,10 @@ class WindowPolicy:
         self.spent_tokens = 0.0  # of those, prefilled by the constrained endpoint
         self._since_recompute = 0
         self._recomputes = 0
-        self._pending: dict[str, tuple[float, float]] = {}
+        # request id -> (server start, device start, prompt tokens, reserved constrained tokens)
+        self._pending: dict[str, tuple[float, float, float, float]] = {}
+        self.inflight_seen = 0.0  # prompt tokens of planned, not yet observed requests
+        self.inflight_spent = 0.0  # of those, reserved for a definite constrained start
         self._rule = migration_rule(config.regime) if config.migration else None
 
     # --- what subclasses provide --------------------------------------------------------
@@ -182,8 +191,9 @@ class WindowPolicy:
         """Budget guard for one request (see module doc); the batch path runs the same rule."""
         if not self.guarded or self.budget >= 1.0:
             return True
-        cap = (self.budget + GUARD_SLACK) * (self.seen_tokens + prompt_tokens)
-        return self.spent_tokens + prompt_tokens <= cap
+        seen = self.seen_tokens + self.inflight_seen + prompt_tokens
+        spent = self.spent_tokens + self.inflight_spent + prompt_tokens
+        return spent <= (self.budget + GUARD_SLACK) * seen
 
     def expected_output_tokens(self, prompt_tokens: np.ndarray | float) -> np.ndarray:
         return self.outputs(np.atleast_1d(np.asarray(prompt_tokens, dtype=float)))
@@ -201,9 +211,14 @@ class WindowPolicy:
         ):
             ss, ds = self.unconstrained_only(1)
         s, d = float(ss[0]), float(ds[0])
-        self._pending[request.id] = (s, d)
+        c = self.constrained_start(ss, ds)[0]
+        self._release(request.id)  # a re-planned id must not reserve twice
+        reserve = float(request.prompt_tokens) if c == 0.0 else 0.0
+        self._pending[request.id] = (s, d, float(request.prompt_tokens), reserve)
+        self.inflight_seen += request.prompt_tokens
+        self.inflight_spent += reserve
         if len(self._pending) > 4 * self.config.window:  # reports lost live: forget the oldest
-            self._pending.pop(next(iter(self._pending)))
+            self._release(next(iter(self._pending)))
         return Plan(
             request_id=request.id,
             server_start=None if math.isnan(s) else s,
@@ -213,7 +228,7 @@ class WindowPolicy:
         )
 
     def observe(self, outcome: RequestOutcome) -> None:
-        ss, _ = self._pending.pop(outcome.request_id, (NEVER, NEVER))
+        ss = self._release(outcome.request_id)
         plen = outcome.prompt_tokens
         spent = (
             outcome.server_prompt_tokens
@@ -232,6 +247,18 @@ class WindowPolicy:
             np.array([plen], float), np.array([n_out], float), np.array([min(spent, plen)], float),
             np.array([ts]), np.array([exact]),
         )  # fmt: skip
+
+    def _release(self, request_id: str) -> float:
+        """Drop a request's in-flight reservation; returns its planned server start (NaN: none)."""
+        entry = self._pending.pop(request_id, None)
+        if entry is None:
+            return NEVER
+        ss, _, plen, reserved = entry
+        self.inflight_seen = max(0.0, self.inflight_seen - plen)
+        self.inflight_spent = max(0.0, self.inflight_spent - reserved)
+        if not self._pending:  # no drift from float round-off
+            self.inflight_seen = self.inflight_spent = 0.0
+        return ss
 
     def observe_arrays(self, lengths, out, spent, ts, exact) -> None:
         """Feed observations in arrival order; recomputes at exactly the points the scalar path
