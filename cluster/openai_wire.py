@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from disco.scheduler.endpoint import GenerationRequest
+from disco.scheduler.endpoint import GenerationRequest, InvalidRequestError
 from disco.scheduler.types import TokenEvent
 
 
@@ -51,8 +51,10 @@ def parse_json(raw: bytes, max_bytes: int) -> dict[str, Any]:
         raise ApiError(413, f"request body is {len(raw)} bytes; the limit is {max_bytes}")
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, over-long integers
         raise ApiError(400, f"body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "body must be a JSON object")
     return data
@@ -77,6 +79,13 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return names.get(kind, kind.__name__)
 
 
+def _float(data: Mapping[str, Any], name: str, default: float) -> float:
+    try:
+        return float(_field(data, name, (int, float), default))
+    except OverflowError:  # an integer too large for a float
+        raise ApiError(400, f"'{name}' is out of range") from None
+
+
 def parse_completion(
     data: Mapping[str, Any], model_name: str, max_tokens_limit: int, request_id: str
 ) -> CompletionBody:
@@ -96,12 +105,9 @@ def parse_completion(
     max_tokens = _field(data, "max_tokens", int, 16)
     if max_tokens <= 0 or max_tokens > max_tokens_limit:
         raise ApiError(400, f"'max_tokens' must be in [1, {max_tokens_limit}], got {max_tokens}")
-    temperature = float(_field(data, "temperature", (int, float), 0.0))
-    if not 0.0 <= temperature <= 2.0:
-        raise ApiError(400, f"'temperature' must be in [0, 2], got {temperature}")
-    top_p = float(_field(data, "top_p", (int, float), 1.0))
-    if not 0.0 < top_p <= 1.0:
-        raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p}")
+    # Types here; the ranges are GenerationRequest.validate's, shared with the device agent.
+    temperature = _float(data, "temperature", 0.0)
+    top_p = _float(data, "top_p", 1.0)
     seed = _field(data, "seed", int, None)
     n = _field(data, "n", int, 1)
     if n != 1:
@@ -127,6 +133,10 @@ def parse_completion(
         request_id=request_id,
         prompt_tokens_hint=hint,
     )
+    try:
+        req.validate()
+    except InvalidRequestError as e:
+        raise ApiError(400, str(e)) from None
     return CompletionBody(model=model, request=req, stream=stream, include_usage=include_usage)
 
 

@@ -5,10 +5,10 @@
   callers into such batches. The methods are async, so many batches are in flight at once.
 - ``report_many(outcomes)`` feeds telemetry (first-token times, work done, costs) to the policy's
   online estimates and to the budget ledger.
-- Restarts: the actor is created with ``max_restarts``; its state (the pickled policy and the
-  ledger) is checkpointed to Ray's GCS store (or a file) at most every ``checkpoint_interval_s``
-  after a report (0: on every report), and ``__init__`` restores it, so a restarted actor keeps
-  its budget accounting. Callers' in-flight calls are retried (``max_task_retries=-1``).
+- Restarts: the actor is created with ``max_restarts``; its state (the pickled policy, the
+  ledger and the current config, as changed by ``reconfigure``) is checkpointed to Ray's GCS
+  store (or a file) at most every ``checkpoint_interval_s`` after a report (0: on every report),
+  and ``__init__`` restores it, so a restarted actor keeps its budget accounting and config. Callers' in-flight calls are retried (``max_task_retries=-1``).
 """
 
 from __future__ import annotations
@@ -56,6 +56,12 @@ class SchedulerActor:
         self.store = make_store(self.cfg.checkpoint, self.cfg.actor_name)
         blob = self.store.load()
         if blob is not None:
+            saved = SchedulerCore.snapshot_config(blob)
+            if saved is not None:
+                # Ray re-runs __init__ with the creation-time config; the snapshot holds the
+                # current one (``reconfigure`` may have changed policy, budget, regime).
+                self.cfg = from_dict(SchedulerConfig, saved, "scheduler")
+                self.core.regime = Regime(self.cfg.regime)
             self.core.restore(blob, lambda: policy_from_config(self.cfg))
         self._flush_scheduled = False
         self._dirty = False
@@ -102,13 +108,14 @@ class SchedulerActor:
         await self.checkpoint()
 
     async def stats(self) -> dict[str, Any]:
-        return self.core.stats() | {"node_id": ray.get_runtime_context().get_node_id()}
+        node = ray.get_runtime_context().get_node_id()
+        return self.core.stats() | {"node_id": node, "config": to_dict(self.cfg)}
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._dirty:
             self._dirty = False
-            self.store.save(self.core.snapshot())
+            self.store.save(self.core.snapshot(to_dict(self.cfg)))
 
 
 def start_scheduler(

@@ -5,8 +5,9 @@
 - :class:`SchedulerCore`: a policy plus its ledger, with ``plan_many`` / ``observe_many``; no Ray
   and no clock (time is an argument), so it is tested and benchmarked in-process.
 - Checkpoint stores: Ray's GCS key-value store (survives an actor restart on any node) or a file.
-  A snapshot is the pickled policy and ledger; a policy that cannot be pickled is rebuilt by
-  replaying the most recent outcomes (its sliding window) into a fresh one.
+  A snapshot is the pickled policy and ledger, plus the owner's current config; a policy that
+  cannot be pickled is rebuilt by replaying the most recent outcomes (its sliding window) into a
+  fresh one.
 """
 
 from __future__ import annotations
@@ -105,9 +106,12 @@ class SchedulerCore:
 
     # ---- snapshots ----------------------------------------------------------------------------
 
-    def snapshot(self) -> bytes:
+    def snapshot(self, config: dict[str, Any] | None = None) -> bytes:
+        """The state as bytes; ``config`` (the owner's current configuration, plain data)
+        travels with it so that a restart comes back with a reconfigured policy/budget."""
         state: dict[str, Any] = {"ledger": self.ledger, "plans": self.plans,
-                                 "restores": self.restores, "recent": []}  # fmt: skip
+                                 "restores": self.restores, "recent": [],
+                                 "config": config}  # fmt: skip
         try:
             state["policy"] = pickle.dumps(self.policy, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # noqa: BLE001 - any unpicklable member: fall back to replay
@@ -116,7 +120,13 @@ class SchedulerCore:
             state["recent"] = list(self.recent)
         return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
+    @staticmethod
+    def snapshot_config(blob: bytes) -> dict[str, Any] | None:
+        """The configuration a snapshot was taken under (None for one taken without)."""
+        return pickle.loads(blob).get("config")
+
     def restore(self, blob: bytes, fresh_policy: Callable[[], Policy]) -> None:
+        """Load a snapshot (its config, if any, is the owner's: :meth:`snapshot_config`)."""
         state = pickle.loads(blob)
         self.ledger = state["ledger"]
         self.plans = state["plans"]

@@ -98,22 +98,23 @@ class DiscoServer:
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         self._check_key(request)
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
-            raise ApiError(
-                413, f"request body is {declared} bytes; the limit is {self.cfg.max_body_bytes}"
-            )
-        data = parse_json(await request.body(), self.cfg.max_body_bytes)
+        data = parse_json(await self._read_body(request), self.cfg.max_body_bytes)
         body = self._parse(data)
         events = self._events(body)
-        # Pull the first token before answering, so that an engine's own validation (context
-        # window...) still becomes a 4xx instead of a broken stream.
-        first = await self._first(events)
+        try:
+            # Pull the first token before answering, so that an engine's own validation
+            # (context window...) still becomes a 4xx instead of a broken stream.
+            first = await self._first(events)
+        except BaseException:
+            await events.aclose()
+            raise
         if not body.stream:
             try:
                 rest = [ev async for ev in events]
             except EndpointFailedError as e:
                 raise ApiError(503, str(e), "engine_failed") from None
+            finally:
+                await events.aclose()
             out = ([first] if first else []) + rest
             return completion(body.request.request_id, body.model, body, out)
         return StreamingResponse(
@@ -132,10 +133,18 @@ class DiscoServer:
         try:
             body = self._parse(data)
             events = self._events(body)
-            first = await self._first(events)
         except ApiError as e:
             yield e.body() | {"status": e.status}
             return
+        try:
+            first = await self._first(events)
+        except ApiError as e:
+            await events.aclose()
+            yield e.body() | {"status": e.status}
+            return
+        except BaseException:
+            await events.aclose()
+            raise
         created = int(time.time())
         rid = body.request.request_id
         try:
@@ -158,6 +167,24 @@ class DiscoServer:
         )
 
     # ---- internals ----------------------------------------------------------------------------
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with a 413 as soon as it passes the cap (with or without a
+        Content-Length header: a chunked upload is counted while it is read)."""
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise ApiError(400, "bad Content-Length header")
+            if int(declared) > limit:
+                raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}")
+        chunks, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise ApiError(413, f"request body is over the limit of {limit} bytes")
+            chunks.append(part)
+        return b"".join(chunks)
 
     def _parse(self, data: dict[str, Any]) -> CompletionBody:
         rid = f"cmpl-{self.replica_id}-{next(self._ids)}"

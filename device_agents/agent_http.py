@@ -147,6 +147,8 @@ def create_app(
             data = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "request body is not valid JSON") from None
+        except RecursionError:
+            raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object")
         return data
@@ -174,8 +176,9 @@ def create_app(
         stream = data.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "stream must be a boolean", param="stream")
-        temperature = _number(data, "temperature", 0.0, 0.0, 2.0)
-        top_p = _number(data, "top_p", 1.0, 0.0, 1.0)
+        # Types here; the ranges are GenerationRequest.validate's (below), shared with the server.
+        temperature = _number(data, "temperature", 0.0)
+        top_p = _number(data, "top_p", 1.0)
         seed = data.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ApiError(400, "seed must be an integer", param="seed")
@@ -301,8 +304,16 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ApiError(400, "each message needs a string role", param="messages")
         content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if isinstance(content, list):  # OpenAI content parts: text only
+            if not all(
+                isinstance(p, dict) and p.get("type", "text") == "text"
+                and isinstance(p.get("text"), str)
+                for p in content
+            ):  # fmt: skip
+                raise ApiError(
+                    400, "content parts must be text parts with a string text", param="messages"
+                )
+            content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise ApiError(400, "message content must be a string", param="messages")
         out.append({"role": m["role"], "content": content})
@@ -311,13 +322,17 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return out
 
 
-def _number(data: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+def _number(data: dict[str, Any], key: str, default: float) -> float:
+    """A JSON number (not a boolean); its range is checked by GenerationRequest.validate."""
     v = data.get(key, default)
     if v is None:
         return default
-    if not isinstance(v, int | float) or isinstance(v, bool) or not lo <= v <= hi:
-        raise ApiError(400, f"{key} must be a number in [{lo}, {hi}]", param=key)
-    return float(v)
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        raise ApiError(400, f"{key} must be a number", param=key)
+    try:
+        return float(v)
+    except OverflowError:  # an integer too large for a float
+        raise ApiError(400, f"{key} is out of range", param=key) from None
 
 
 def _chunk(ev: TokenEvent, rid: str, p: _Parsed, created: int, first: bool) -> dict[str, Any]:

@@ -62,6 +62,8 @@ class GenerationRequest:
             raise InvalidRequestError(f"start_index must be >= 0, got {self.start_index}")
         if not 0.0 <= self.temperature <= 2.0:
             raise InvalidRequestError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @runtime_checkable

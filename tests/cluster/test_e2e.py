@@ -191,12 +191,28 @@ def test_replica_killed_mid_stream_over_http_completes_on_the_device(testbed):
 
 
 def test_requests_flow_while_the_scheduler_restarts(testbed):
+    sched = testbed.scheduler
     _set_policy(testbed, "race")
-    ray.kill(testbed.scheduler, no_restart=False)
+    # A request of this test's own, reported (and checkpointed) before the kill.
+    want = ray.get(sched.stats.remote(), timeout=60)["ledger"]["requests"] + 1
+    chunks, done = _stream(testbed.agent_url, 4)
+    _assert_one_ordered_stream(chunks, done)
+    deadline = time.monotonic() + 30
+    while ray.get(sched.stats.remote(), timeout=60)["ledger"]["requests"] < want:
+        assert time.monotonic() < deadline, "the request was never reported to the scheduler"
+        time.sleep(0.05)  # reports are sent in the background
+    pid = ray.get(sched.ping.remote(), timeout=60)
+    ray.kill(sched, no_restart=False)
     chunks, done = _stream(testbed.agent_url, 8)
     _assert_one_ordered_stream(chunks, done)
-    stats = ray.get(testbed.scheduler.stats.remote(), timeout=60)
-    assert stats["ledger"]["requests"] >= 2  # the earlier requests' budget state survived
+    deadline = time.monotonic() + 60
+    while ray.get(sched.ping.remote(), timeout=60) == pid:  # the restart may finish later
+        assert time.monotonic() < deadline, "the scheduler actor did not restart"
+        time.sleep(0.05)
+    stats = ray.get(sched.stats.remote(), timeout=60)
+    assert stats["restores"] >= 1  # the restarted actor loaded the checkpoint
+    assert stats["ledger"]["requests"] >= want  # the earlier request's budget state survived
+    assert stats["config"]["policy"] == "race"
 
 
 def test_emulated_fleet_streams_through_serve_with_the_scheduler(testbed):

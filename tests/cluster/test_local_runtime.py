@@ -112,6 +112,8 @@ def test_official_openai_client_streams(server):
         (b'{"prompt": "x", "max_tokens": "5"}', 400),
         (b'{"prompt": "x", "model": "gpt-9"}', 404),
         (b'{"prompt": "' + b"a" * 1_100_000 + b'"}', 413),
+        (b"[" * 50_000, 400),  # nested past the parser's recursion limit, under the cap
+        (b'{"prompt": "x", "top_p": 0}', 400),
     ],
 )
 def test_bad_input_is_a_4xx_json_error(server, body, status):
@@ -184,6 +186,136 @@ def test_batched_app_with_api_key(cluster):
         serve.delete("batched")
 
 
+def test_chunked_upload_over_the_cap_is_a_413(server):
+    url, _ = server
+
+    def parts():  # no Content-Length: the cap applies while reading
+        for _ in range(12):
+            yield b"x" * 100_000
+
+    r = httpx.post(f"{url}/v1/completions", content=parts(), timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["message"]
+
+
+# ---- the replica class in-process (no Serve): body bound, engine streams closed -------------
+
+
+class _Events:
+    """An engine stream that yields ``n`` tokens, then raises ``fail`` (or ends); counts
+    ``aclose``."""
+
+    def __init__(self, n: int, fail: BaseException | None) -> None:
+        self.n, self.fail, self.i, self.closed = n, fail, 0, 0
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        from disco.scheduler.types import TokenEvent
+
+        if self.i < self.n:
+            self.i += 1
+            return TokenEvent(index=self.i - 1, text="t", time=0.0)
+        if self.fail is not None:
+            raise self.fail
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+class _Engine:
+    def __init__(self, n: int, fail: BaseException | None) -> None:
+        self.n, self.fail, self.streams = n, fail, []
+
+    def stream(self, req):
+        self.streams.append(_Events(self.n, self.fail))
+        return self.streams[-1]
+
+
+def _replica(engine=None, **cfg):
+    from dataclasses import asdict
+
+    from disco.cluster.serve_app import DiscoServer
+
+    cls = DiscoServer.func_or_class.__mro__[1]  # the user class under @serve.ingress
+    assert "completions" in cls.__dict__
+
+    class Local(cls):
+        def __del__(self) -> None:  # Serve awaits the async one; nothing would here
+            pass
+
+    conf = ServerConfig(engine="emulated", engine_kwargs=FAST_SERVER, **cfg)
+    replica = Local(asdict(conf))
+    if engine is not None:
+        replica.engine = engine
+    return replica
+
+
+def _request(chunks, headers=()):
+    from starlette.requests import Request as StarletteRequest
+
+    it = iter(chunks)
+
+    async def receive():  # an empty part ends the body
+        part = next(it)
+        return {"type": "http.request", "body": part, "more_body": part != b""}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
+             "headers": [(k.encode(), v.encode()) for k, v in headers]}  # fmt: skip
+    return StarletteRequest(scope, receive)
+
+
+async def test_a_body_without_length_is_read_only_up_to_the_cap():
+    from disco.cluster.openai_wire import ApiError
+
+    replica = _replica(max_body_bytes=4096)
+    sent = []
+
+    def endless():  # a client that never stops sending
+        while True:
+            assert len(sent) < 50, "the replica read far past its body cap"
+            sent.append(1)
+            yield b" " * 1000
+
+    with pytest.raises(ApiError) as e:
+        await replica.completions(_request(endless()))
+    assert e.value.status == 413 and len(sent) <= 5
+
+
+# (a failure after the SSE headers went out is the SSE generator's, which closes the stream)
+@pytest.mark.parametrize(("stream", "n_before_failure"), [(False, 0), (True, 0), (False, 2)])
+async def test_the_engine_stream_is_closed_when_the_request_fails(stream, n_before_failure):
+    from disco.cluster.openai_wire import ApiError
+    from disco.scheduler.endpoint import EndpointFailedError
+
+    engine = _Engine(n_before_failure, EndpointFailedError("engine died"))
+    replica = _replica(engine)
+    body = json.dumps({"prompt": "hi", "max_tokens": 5, "stream": stream}).encode()
+    with pytest.raises(ApiError) as e:
+        await replica.completions(_request([body, b""]))
+    assert e.value.status == 503
+    assert engine.streams[0].closed >= 1
+
+
+async def test_the_engine_stream_is_closed_after_a_whole_completion():
+    engine = _Engine(3, None)
+    replica = _replica(engine)
+    body = json.dumps({"prompt": "hi", "max_tokens": 5}).encode()
+    out = await replica.completions(_request([body, b""]))
+    assert out["choices"][0]["text"] == "ttt"
+    assert engine.streams[0].closed >= 1
+
+
+async def test_handle_generate_closes_the_engine_stream_on_a_first_token_failure():
+    from disco.scheduler.endpoint import EndpointFailedError
+
+    engine = _Engine(0, EndpointFailedError("engine died"))
+    replica = _replica(engine)
+    out = [c async for c in replica.generate({"prompt": "hi", "max_tokens": 5})]
+    assert out[0]["status"] == 503 and engine.streams[0].closed >= 1
+
+
 # ---- scheduler actor --------------------------------------------------------------------------
 
 
@@ -246,6 +378,26 @@ def test_scheduler_restart_keeps_budget_state(cluster, interval):
         stats = ray.get(actor.stats.remote(), timeout=60)
         assert stats["restores"] == 1
         assert stats["ledger"]["requests"] == 10 and stats["ledger"]["device_prompt_tokens"] == 1000
+        assert ray.get(actor.plan.remote(Request("b", 0.0, 5))).device_start is None
+    finally:
+        ray.kill(actor, no_restart=True)
+
+
+def test_scheduler_restart_keeps_a_reconfigured_config(cluster):
+    from disco.cluster.config import to_dict
+
+    cfg = _sched_cfg("sched-reconf", checkpoint_interval_s=0.05)
+    actor = start_scheduler(cfg)
+    try:
+        assert ray.get(actor.plan.remote(Request("a", 0.0, 5))).device_start == 0.0
+        new = replace(cfg, policy="tests.cluster.doubles:ServerOnlyPolicy", regime="server",
+                      budget=0.2)  # fmt: skip
+        ray.get(actor.reconfigure.remote(to_dict(new)))
+        _kill_and_wait_for_restart(actor)
+        stats = ray.get(actor.stats.remote(), timeout=60)
+        assert stats["restores"] == 1
+        assert stats["config"] == to_dict(new)  # not the creation-time config
+        assert stats["policy"] == "server-only" and stats["regime"] == "server"
         assert ray.get(actor.plan.remote(Request("b", 0.0, 5))).device_start is None
     finally:
         ray.kill(actor, no_restart=True)
@@ -326,4 +478,3 @@ def test_restart_device_side_gives_fresh_actors_and_per_device_http(cluster):
     finally:
         tb.shutdown()
     assert ray.is_initialized()  # it did not own Ray
-

@@ -71,3 +71,36 @@ def test_chunk_is_an_openai_text_completion_with_the_token_index():
     assert line.startswith("data: ") and line.endswith("\n\n")
     assert json.loads(line[6:]) == c
     assert SSE_DONE == "data: [DONE]\n\n"
+
+
+def test_malformed_json_is_a_400_not_a_crash():
+    for raw in (b"[" * 50_000, b'{"a": ' * 50_000, b'{"max_tokens": ' + b"9" * 5000 + b"}"):
+        with pytest.raises(ApiError, match="not valid JSON") as e:
+            parse_json(raw, 1 << 20)
+        assert e.value.status == 400
+
+
+def test_numbers_out_of_float_range_are_a_400():
+    with pytest.raises(ApiError, match="top_p") as e:
+        parse(prompt="x", top_p=10**400)
+    assert e.value.status == 400
+
+
+@pytest.mark.parametrize("field,value", [("top_p", 0), ("top_p", 1.5), ("temperature", -1)])
+def test_the_agent_and_the_server_reject_sampling_fields_identically(field, value):
+    """One validator (GenerationRequest.validate): what the server refuses, the agent refuses
+    first, with the same message, so no bad request reaches the server as a 'server failure'."""
+    from starlette.testclient import TestClient
+
+    from disco.device_agents.agent_http import create_app
+    from disco.device_agents.fleet import EmulatedFleet, FleetConfig
+    from disco.device_agents.network import NetworkConfig
+
+    with pytest.raises(ApiError) as e:
+        parse(prompt="x", max_tokens=4, **{field: value})
+    fleet = EmulatedFleet(FleetConfig(n_devices=1, time_scale=0.02, network=NetworkConfig(0.001)))
+    with TestClient(create_app(fleet.agents)) as client:
+        r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, field: value})
+    assert (r.status_code, e.value.status) == (400, 400)
+    assert r.json()["error"]["message"] == e.value.message
+    assert field in e.value.message

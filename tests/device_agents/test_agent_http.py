@@ -108,7 +108,21 @@ BAD = [
     ("/v1/chat/completions", b'{"messages": [{"role": "user"}]}', 400),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": " "}]}', 400),
     ("/v1/chat/completions", b'{"prompt": "hi"}', 400),
-]
+    # nested deeper than the JSON parser's recursion limit, well under the body cap
+    ("/v1/completions", b"[" * 4000, 400),
+    ("/v1/completions", b'{"prompt": "hi", "top_p": 0}', 400),
+    ("/v1/completions", b'{"prompt": "hi", "top_p": 1e400}', 400),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": ' + b"9" * 400 + b"}", 400),
+    ("/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}', 400),
+    ("/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": [{"type": "text"}]}]}', 400),
+    ("/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": ["hi"]}]}', 400),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": '
+     b'[{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "hi"}]}]}',
+     400),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("path", "body", "status"), BAD)
@@ -119,6 +133,17 @@ def test_bad_input_gets_a_4xx_json_error(served, path, body, status):
     )
     assert r.status_code == status
     assert r.json()["error"]["message"]
+
+
+def test_chat_content_parts_with_text_are_joined(served):
+    url, _ = served
+    msg = {
+        "role": "user",
+        "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+    }
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [msg], "max_tokens": 2},
+                   timeout=10)  # fmt: skip
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "s0 s1 "
 
 
 def test_wrong_route_or_method_is_a_json_4xx(served):
