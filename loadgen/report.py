@@ -144,6 +144,11 @@ def plot_ttft_cdf(runs: Mapping[str, Sequence[RequestRecord]], path: str | Path)
         _cdf(ax, np.array([r.ttft * 1000 for r in recs if r.ok and r.ttft is not None]), label)
     ax.set(xlabel="TTFT (ms)", ylabel="fraction of requests", title="Time to first token")
     ax.set_xscale("log")
+    return _finish_cdf(plt, fig, ax, path)
+
+
+def _finish_cdf(plt, fig, ax, path: str | Path) -> Path:
+    """Grid, legend (if any curve), save and close: the common tail of the CDF plots."""
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)
@@ -161,13 +166,7 @@ def plot_tbt_cdf(runs: Mapping[str, Sequence[RequestRecord]], path: str | Path) 
         _cdf(ax, np.concatenate(gaps) if gaps else np.zeros(0), label)
     ax.set(xlabel="time between tokens (ms)", ylabel="fraction of gaps", title="TBT")
     ax.set_xscale("symlog", linthresh=1.0)
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _finish_cdf(plt, fig, ax, path)
 
 
 def plot_timeline(records: Sequence[RequestRecord], path: str | Path, bin_s: float = 1.0) -> Path:
