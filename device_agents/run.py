@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from disco.scheduler.billing import prompt_charge
 from disco.scheduler.endpoint import Endpoint, EndpointFailedError, GenerationRequest
 from disco.scheduler.migration import decide_migration, migration_latency
 from disco.scheduler.types import EndpointKind, Plan, Request, RequestOutcome, TokenEvent
@@ -597,11 +598,12 @@ class RequestRun:
         return any(leg.kind is kind and leg.start_index == 0 for leg in self.legs)
 
     def _prompt_work(self, leg: _Leg, now: float) -> int:
-        """Prompt tokens charged to a leg. A server request is billed in full once sent; a
-        device prefill cut short is charged pro rata of its expected duration [R]."""
-        if leg.kind is EndpointKind.SERVER or leg.first_at is not None:
-            return leg.context_tokens
-        expected = float(self.c.device_profile.ttft(leg.context_tokens))
-        ran = (leg.stopped_at if leg.stopped_at is not None else now) - leg.started_at
-        share = 1.0 if expected <= 0 else min(1.0, ran / expected)
-        return round(leg.context_tokens * share)
+        """Prompt tokens charged to a leg: the core's one rule (``disco.scheduler.billing``)."""
+        return prompt_charge(
+            leg.kind,
+            leg.context_tokens,
+            leg.started_at,
+            leg.stopped_at if leg.stopped_at is not None else now,
+            leg.first_at is not None,
+            float(self.c.device_profile.ttft(leg.context_tokens)),
+        )

@@ -160,9 +160,10 @@ def outcome_arrays(
             if to_device:
                 cold = np.asarray(device.ttft(plen + 1), dtype=float) + device.tbt_s
             else:
+                # The fresh draw already holds the prompt's term: add the one generated token.
                 cold = (
                     mcfg.rtt_s + world.server_ttft_migrate[idx]
-                    + server.ttft_per_prompt_token_s * (plen + 1) + server.tbt_s
+                    + server.ttft_per_prompt_token_s * 1 + server.tbt_s
                 )  # fmt: skip
             t_m = np.where(warm, ready_true + warm_latency(rule.target, 1, server, device, mcfg), cold)
             k = np.maximum(dec.at_index, np.ceil(t_m / g_src).astype(np.int64))

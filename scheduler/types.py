@@ -140,7 +140,7 @@ class RequestOutcome:
 
     @property
     def ttft(self) -> float | None:
-        return self.token_times[0] - self.arrival if self.token_times else None
+        return self.token_times[0] - self.arrival if len(self.token_times) else None
 
     @property
     def gaps(self) -> list[float]:

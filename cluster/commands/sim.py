@@ -32,7 +32,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated policy names")
     p.add_argument("--migration", choices=("on", "off", "both"), default="both",
                    help="rows with migration on, off or both (default: both)")  # fmt: skip
-    p.add_argument("--server-profile", default="gpt-4o-mini", help="named profile or JSON file")
+    p.add_argument("--server-profile", default="gpt-4o-mini",
+                   help="API-service profile, named or a JSON file (load-free server TTFT)")
+    p.add_argument("--server-preset",
+                   help="self-hosted continuous-batching replicas instead of --server-profile: a "
+                   "named preset or a JSON file (disco profile --fit-batching); the causal simulator")
+    p.add_argument("--replicas", type=int, default=1, help="replicas of --server-preset (default 1)")
+    p.add_argument("--rtt-ms", type=float, default=50.0,
+                   help="device <-> server round trip with --server-preset (default 50)")
+    p.add_argument("--list-server-presets", action="store_true",
+                   help="list the named server presets and exit")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="spread a --server-preset sweep's cells over a Ray cluster (local Ray "
+                   "without ADDRESS)")  # fmt: skip
     p.add_argument("--device-profile", default="xiaomi14-qwen0.5b", help="named profile or JSON file")
     p.add_argument("--seed", type=int, default=0, help="random seed (server TTFT draws, random policy)")
     p.add_argument("--window", type=int, default=2000, help="sliding window of online estimates")
@@ -64,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from disco.scheduler.traces import TraceFormatError, default_trace_path, load_trace
     from disco.scheduler.types import Regime
 
+    if args.list_server_presets:
+        return list_presets()
     budgets = parse_budgets(args.budgets)
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     if not policies:
@@ -74,11 +88,21 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--limit must be > 0, got {args.limit}")
     if args.window <= 0 or args.recompute_every <= 0:
         raise CliError("--window and --recompute-every must be > 0")
+    if args.replicas < 1:
+        raise CliError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.rtt_ms < 0:
+        raise CliError(f"--rtt-ms must be >= 0, got {args.rtt_ms:g}")
+    if args.ray is not None and not args.server_preset:
+        raise CliError("--ray spreads a --server-preset sweep; the load-free sweep runs in seconds")
     try:
         server = load_profile(args.server_profile, "server")
         device = load_profile(args.device_profile, "device")
+        preset = _preset(args.server_preset) if args.server_preset else None
     except ValueError as e:
         raise CliError(str(e)) from None
+    if preset is not None and "oracle" in policies:
+        raise CliError("oracle needs each request's server TTFT in advance, which self-hosted "
+                       "replicas under load do not have: drop it from --policies with --server-preset")
     trace = Path(args.trace) if args.trace else default_trace_path()
     try:
         records = load_trace(trace, args.limit)
@@ -87,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
 
     regime = Regime(args.regime)
     mig = {"on": (True,), "off": (False,), "both": (False, True)}[args.migration]
+    if preset is not None:
+        return _run_causal(args, records, trace, preset, device, regime, budgets, policies, mig)
     spec = SweepSpec(regime, budgets, policies, mig, args.seed, args.window, args.recompute_every)
     t_start = time.perf_counter()
 
@@ -113,3 +139,110 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out}/sim.json, sim.csv{'' if args.no_plots else ', plots'} "
               f"({time.perf_counter() - t_start:.1f} s)", file=sys.stderr)  # fmt: skip
     return 0
+
+
+def list_presets() -> int:
+    from disco.scheduler.presets import SERVER_PRESETS
+
+    for name in SERVER_PRESETS.names():
+        p = SERVER_PRESETS.get(name)
+        print(f"{name}: {p.model} on {p.hardware}; max_num_seqs {p.max_num_seqs}, "
+              f"{p.max_batched_tokens} tokens/step, KV {p.kv_tokens} tokens, "
+              f"${p.usd_per_hour:g}/h. Source: {p.source}")  # fmt: skip
+    return 0
+
+
+def _preset(name: str):
+    from disco.scheduler.presets import load_preset
+
+    return load_preset(name)
+
+
+def _run_causal(args, records, trace, preset, device, regime, budgets, policies, mig) -> int:
+    from disco.scheduler.causal_sim import CAUSAL_ROW_KEYS, CausalSettings, causal_cell
+    from disco.scheduler.migration import MigrationConfig
+    from disco.scheduler.presets import preset_profile
+    from disco.scheduler.report import format_table, plot_rows, write_rows
+
+    rtt = args.rtt_ms / 1000.0
+    settings = CausalSettings(replicas=args.replicas, rtt_s=rtt, seed=args.seed,
+                              migration=MigrationConfig(rtt_s=rtt))  # fmt: skip
+    cells = [(p, b, m) for p in policies for b in budgets for m in mig]
+    est = (args.window, args.recompute_every)
+    t_start = time.perf_counter()
+
+    def progress(done: int, total: int, what: str) -> None:
+        if not args.quiet:
+            el = time.perf_counter() - t_start
+            print(f"\rsim: {done}/{total} {what:<36} {el:6.1f} s", end="", file=sys.stderr)
+
+    if args.ray is not None:
+        rows = _cells_on_ray(args.ray, cells, records, preset, device, regime, settings, est,
+                             progress)  # fmt: skip
+    else:
+        rows = []
+        for j, (name, b, m) in enumerate(cells):
+            rows.append(causal_cell(records, preset, device, regime, name, b, m, settings, *est))
+            progress(j + 1, len(cells), f"{name} b={b:g} migration {'on' if m else 'off'}")
+    if not args.quiet:
+        print(file=sys.stderr)
+    out = Path(args.out)
+    meta = {
+        "trace": trace.name, "requests": len(records), "regime": regime.value,
+        "server_preset": preset.name, "replicas": args.replicas, "rtt_ms": args.rtt_ms,
+        "device_profile": device.name, "seed": args.seed, "window": args.window,
+        "recompute_every": args.recompute_every, "model": "causal, continuous batching",
+    }  # fmt: skip
+    rows = [{k: r.get(k) for k in CAUSAL_ROW_KEYS} for r in rows]
+    write_rows(out, rows, meta)
+    if not args.no_plots:
+        name = preset_profile(preset).name
+        plot_rows(rows, out, f"{trace.name}: {regime.value}-constrained, {args.replicas} x "
+                             f"{name} + {device.name}")  # fmt: skip
+    if not args.quiet:
+        print(format_table(rows))
+        print(f"wrote {out}/sim.json, sim.csv{'' if args.no_plots else ', plots'} "
+              f"({time.perf_counter() - t_start:.1f} s)", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _cells_on_ray(address, cells, records, preset, device, regime, settings, est, progress):
+    """One Ray task per cell; the trace and profiles go to the object store once."""
+    try:
+        import ray
+    except ImportError:
+        raise CliError("--ray needs Ray: install the project's 'ray' extra") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        if address == "local":
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    try:
+        cell = ray.remote(num_cpus=1)(_ray_cell)
+        shared = ray.put((records, preset, device, regime, settings))
+        refs = [cell.remote(shared, n, b, m, *est) for n, b, m in cells]
+        rows: list[dict] = [None] * len(refs)  # type: ignore[list-item]
+        index = {r: j for j, r in enumerate(refs)}
+        pending = list(refs)
+        done = 0
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            j = index[ready[0]]
+            rows[j] = ray.get(ready[0])
+            done += 1
+            n, b, m = cells[j]
+            progress(done, len(cells), f"{n} b={b:g} migration {'on' if m else 'off'}")
+        return rows
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _ray_cell(shared, name: str, budget: float, mig: bool, window: int, recompute: int) -> dict:
+    """A sweep cell as a Ray task (``shared``: the trace, preset, device, regime and settings)."""
+    from disco.scheduler.causal_sim import causal_cell
+
+    records, preset, device, regime, settings = shared
+    return causal_cell(records, preset, device, regime, name, budget, mig, settings, window,
+                       recompute)  # fmt: skip

@@ -60,3 +60,34 @@ def test_bad_traces_exit_2(tmp_path: Path, capsys, content: str, needle: str) ->
     assert main(["sim", "--trace", str(trace), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err
+
+
+def test_sim_with_a_server_preset_runs_the_causal_model(tmp_path: Path, capsys) -> None:
+    assert main(["sim", "--list-server-presets"]) == 0
+    listed = capsys.readouterr().out
+    assert "llamacpp-gemma3-270m-cpu2" in listed and "Source:" in listed
+    args = ["sim", "--limit", "150", "--budgets", "0.5", "--policies", "disco,server-only",
+            "--server-preset", "llamacpp-gemma3-270m-cpu2", "--replicas", "2", "--quiet",
+            "--no-plots", "--migration", "on"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "c")]) == 0
+    data = json.loads((tmp_path / "c" / "sim.json").read_text())
+    assert data["meta"]["server_preset"] == "llamacpp-gemma3-270m-cpu2"
+    assert data["meta"]["replicas"] == 2
+    rows = data["rows"]
+    assert [r["policy"] for r in rows] == ["disco", "server-only"]
+    assert rows[0].keys() >= ROW_KEYS | {"server_gpu_s", "server_cost_tokens"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--server-preset", "nope"], "unknown server preset 'nope'"),
+        (["--server-preset", "llamacpp-gemma3-270m-cpu2", "--replicas", "0"], "--replicas"),
+        (["--server-preset", "llamacpp-gemma3-270m-cpu2", "--policies", "oracle"], "oracle"),
+        (["--ray"], "--server-preset"),
+    ],
+)
+def test_sim_preset_errors_are_one_line(tmp_path: Path, capsys, extra, needle) -> None:
+    assert main(["sim", "--limit", "20", "--out", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err

@@ -1,0 +1,682 @@
+"""The causal simulator: self-hosted replicas under the load the devices send (DESIGN.md section 8).
+
+Event-driven in virtual time. Unlike the load-free simulator (``simulator.py``, where each server
+TTFT is an independent draw and the policy learns every outcome at plan time), here:
+
+- The server is ``replicas`` continuous-batching replicas (``batching.Replica``, one preset)
+  behind Ray Serve's default router (power of two choices), so server TTFT and the time between
+  tokens come from the batch each request shares: they grow with the load the policy sends and
+  fall when it keeps prompts on devices.
+- A policy plans at arrival and observes an outcome when the request completes, in virtual time;
+  nothing is learnt before it would be known.
+- Each request has its own device (a phone per user): TTFT = a + c * context, decode at the
+  profile's speed. (A device serving several requests is issue 10's model.)
+- The request-level logic follows the live coordinator (``device_agents/run.py``): the first first
+  token wins and the loser is cancelled; a migration is decided at the first token, launched once
+  the reader's unread buffer hides the target's estimated t_m (the target gets prompt + generated
+  text), the source's later tokens are held, and the switch happens at the target's first token
+  unless the buffer's deadline passes first (then the held tokens go out and the source goes on).
+  Gaps at a switch are measured, not assumed.
+- Billing: ``billing.prompt_charge`` (the live rule). Server cost: replica time attributed to
+  each request's tokens x the preset's price per hour when it has one, else list prices.
+- ``rtt_s``: device <-> server round trip; a request reaches its replica rtt/2 after it is sent
+  and each token reaches the device rtt/2 after the replica emits it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .batching import Emission, Replica, ServerPreset, power_of_two
+from .billing import prompt_charge
+from .metrics import DEFAULT_EXPECTED_TTFT_S, DEFAULT_TDS, qoe, summarize_arrays
+from .migration import MigrationConfig, decide_migration, migration_latency
+from .policies import PolicyConfig, make_policy
+from .presets import preset_profile
+from .profiles import DeviceProfile, ServerProfile
+from .traces import TraceRecord
+from .types import EndpointKind, Plan, Regime, Request, RequestOutcome
+
+S, D = EndpointKind.SERVER, EndpointKind.DEVICE
+
+
+@dataclass(frozen=True)
+class CausalSettings:
+    replicas: int = 1
+    rtt_s: float = 0.05
+    seed: int = 0
+    expected_ttft: float = DEFAULT_EXPECTED_TTFT_S  # Andes QoE
+    tds: float = DEFAULT_TDS
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
+    record_replicas: bool = False  # sample each replica's queue / running batch every step
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.rtt_s < 0:
+            raise ValueError(f"rtt_s must be >= 0, got {self.rtt_s}")
+
+
+class _Leg:
+    """One endpoint's stream for a request (original, or a migration target)."""
+
+    __slots__ = ("kind", "role", "start", "ctx", "index0", "first", "stopped", "produced",
+                 "replica", "seq", "submitted", "gpu_s")  # fmt: skip
+
+    def __init__(self, kind: EndpointKind, role: str, start: float, ctx: int, index0: int) -> None:
+        self.kind = kind
+        self.role = role  # "s"/"d": original legs; "m": migration target
+        self.start = start
+        self.ctx = ctx  # context tokens it prefills
+        self.index0 = index0  # index of its first token
+        self.first: float | None = None  # user time of its first token
+        self.stopped: float | None = None
+        self.produced = 0
+        self.replica = -1
+        self.seq = None
+        self.submitted = False
+        self.gpu_s = 0.0
+
+
+class _Req:
+    __slots__ = ("i", "rid", "arrival", "plen", "n", "plan", "legs", "winner", "active", "t0",
+                 "times", "ndel", "migrate_at", "migrate_to", "target", "deadline", "held",
+                 "stash", "switching", "migrated_at", "done", "sources")  # fmt: skip
+
+    def __init__(self, i: int, arrival: float, plen: int, n: int) -> None:
+        self.i = i
+        self.rid = str(i)
+        self.arrival = arrival
+        self.plen = plen
+        self.n = n
+        self.plan: Plan | None = None
+        self.legs: list[_Leg] = []
+        self.winner: EndpointKind | None = None
+        self.active: _Leg | None = None
+        self.t0 = math.nan
+        self.times: list[np.ndarray] = []  # delivered token times (user clock), in order
+        self.sources: list[tuple[EndpointKind, int]] = []
+        self.ndel = 0
+        self.migrate_at: int | None = None
+        self.migrate_to: EndpointKind | None = None
+        self.target: _Leg | None = None
+        self.deadline = math.inf
+        self.held: list[np.ndarray] = []  # source tokens produced after the launch
+        self.stash: list[np.ndarray] = []  # server target tokens before the switch
+        self.switching = False
+        self.migrated_at: int | None = None
+        self.done = False
+
+
+@dataclass
+class CausalResult:
+    outcomes: list[RequestOutcome]
+    ttft: np.ndarray
+    qoe: np.ndarray
+    gaps: np.ndarray
+    server_gpu_s: np.ndarray
+    summary: dict
+    replica_samples: list[list[tuple[float, int, int, int]]]
+    replica_busy_s: list[float]
+    events: int
+
+
+# event kinds (ordering ties: smaller kind first at the same time)
+_COMPLETE, _SWITCH, _SRC_END, _DEADLINE, _DEV_FIRST, _SUBMIT, _LAUNCH, _START, _ARRIVE = range(9)
+
+
+class CausalSim:
+    """One replay of a trace through one policy (see the module doc)."""
+
+    def __init__(
+        self,
+        policy,
+        preset: ServerPreset,
+        device: DeviceProfile,
+        settings: CausalSettings,
+        server_profile: ServerProfile | None = None,
+    ) -> None:
+        if getattr(policy, "wants_hints", False):
+            raise ValueError(
+                f"policy {policy.name!r} needs each request's server TTFT in advance; with "
+                "self-hosted replicas it depends on the load, so it cannot be simulated causally"
+            )
+        self.policy = policy
+        self.preset = preset
+        self.device = device
+        self.server = server_profile or preset_profile(preset)
+        self.s = settings
+        self.half = settings.rtt_s / 2
+        self.replicas = [
+            Replica(preset, f"replica-{k}", record=settings.record_replicas)
+            for k in range(settings.replicas)
+        ]
+        self.ends = [math.inf] * settings.replicas  # end time of each replica's running step
+        self.rng = np.random.default_rng([settings.seed, 0x5E7E])
+        self.heap: list = []
+        self._seq = itertools.count()
+        self.reqs: list[_Req] = []
+        self.by_sid: dict[str, tuple[_Req, _Leg]] = {}
+        self.finished: list[RequestOutcome] = []
+        self.gpu_s: list[float] = []
+        self.n_events = 0
+        self.now = 0.0
+        g = device.tbt_s
+        self.g_dev = g
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def run(self, records: Sequence[TraceRecord]) -> list[RequestOutcome]:
+        for i, r in enumerate(records):
+            req = _Req(i, float(r.arrival), int(r.prompt_tokens), int(r.output_tokens))
+            self.reqs.append(req)
+            self._push(req.arrival, _ARRIVE, req)
+        heap = self.heap
+        while heap or any(e < math.inf for e in self.ends):
+            t_ctl = heap[0][0] if heap else math.inf
+            k = min(range(len(self.ends)), key=self.ends.__getitem__)
+            if self.ends[k] <= t_ctl:
+                self._finish_step(k)
+            else:
+                t, _, _, kind, req, arg = heapq.heappop(heap)
+                self.now = t
+                self.n_events += 1
+                self._dispatch(kind, req, arg)
+        return self.finished
+
+    def _push(self, t: float, kind: int, req: _Req, arg=None) -> None:
+        t = max(t, self.now)  # a token's rtt/2 can only delay; never schedule into the past
+        heapq.heappush(self.heap, (t, kind, next(self._seq), kind, req, arg))
+
+    def _dispatch(self, kind: int, req: _Req, arg) -> None:
+        if kind == _ARRIVE:
+            self._arrive(req)
+        elif kind == _START:
+            if req.winner is None:
+                self._start_leg(req, arg, 0)
+        elif kind == _SUBMIT:
+            self._submit(req, arg)
+        elif kind == _DEV_FIRST:
+            self._device_first(req, arg)
+        elif kind == _LAUNCH:
+            self._launch(req)
+        elif kind == _SWITCH:
+            self._switch(req, arg)
+        elif kind == _DEADLINE:
+            if arg is req.target and not req.switching:
+                self._abandon(req)
+        elif kind == _SRC_END:
+            self._source_end(req, arg)
+        elif kind == _COMPLETE:
+            self._complete(req)
+
+    # ---- replicas -----------------------------------------------------------------------------
+
+    def _kick(self, k: int) -> None:
+        """Plan replica k's next step if it is idle."""
+        rep = self.replicas[k]
+        if rep.in_step is not None:
+            return
+        horizon = self.heap[0][0] if self.heap else math.inf
+        step = rep.next_step(self.now, horizon)
+        self.ends[k] = step.end if step is not None else math.inf
+
+    def _finish_step(self, k: int) -> None:
+        rep = self.replicas[k]
+        step = rep.in_step
+        self.now = self.ends[k]
+        self.n_events += 1
+        for e in rep.finish(step):
+            entry = self.by_sid.get(e.seq.id)
+            if entry is not None:
+                self._server_tokens(entry[0], entry[1], e)
+        self.ends[k] = math.inf
+        self._kick(k)
+
+    def _interrupt(self, k: int) -> None:
+        """Something outside changed replica k: cut its decode run at now."""
+        rep = self.replicas[k]
+        if rep.in_step is not None and len(rep.in_step.ends) > 1:
+            rep.cut(self.now)
+            self.ends[k] = rep.in_step.end
+
+    # ---- request logic (mirrors the live coordinator) ------------------------------------------
+
+    def _arrive(self, req: _Req) -> None:
+        plan = self.policy.plan(
+            Request(id=req.rid, arrival=req.arrival, prompt_tokens=req.plen), now=self.now
+        )
+        req.plan = plan
+        for kind in (S, D):
+            st = plan.start_of(kind)
+            if st is None:
+                continue
+            if st <= 0:
+                self._start_leg(req, kind, 0)
+            else:
+                self._push(self.now + st, _START, req, kind)
+
+    def _start_leg(self, req: _Req, kind: EndpointKind, index0: int, role: str = "") -> _Leg:
+        ctx = req.plen + index0
+        leg = _Leg(kind, role or kind.value[0], self.now, ctx, index0)
+        req.legs.append(leg)
+        if kind is S:
+            leg.replica = power_of_two([r.load for r in self.replicas], self.rng)
+            self._push(self.now + self.half, _SUBMIT, req, leg)
+        else:
+            self._push(self.now + float(self.device.ttft(ctx)), _DEV_FIRST, req, leg)
+        return leg
+
+    def _submit(self, req: _Req, leg: _Leg) -> None:
+        if leg.stopped is not None:
+            return  # cancelled on the way (still billed: it was sent)
+        leg.submitted = True
+        sid = f"{req.rid}/{leg.role}"
+        max_tokens = req.n - leg.index0
+        rep = self.replicas[leg.replica]
+        try:
+            leg.seq = rep.submit(
+                sid, leg.ctx, max_tokens, self.now, cache_key=req.rid, shared_tokens=req.plen
+            )
+        except ValueError:  # does not fit the replica: that endpoint fails
+            leg.stopped = self.now
+            self._leg_failed(req, leg)
+            return
+        self.by_sid[sid] = (req, leg)
+        self._interrupt(leg.replica)
+        self._kick(leg.replica)
+
+    def _leg_failed(self, req: _Req, leg: _Leg) -> None:
+        if req.winner is None and all(x.stopped is not None for x in req.legs):
+            pending = req.plan is not None and any(
+                req.plan.start_of(k) not in (None, 0) and not any(x.kind is k for x in req.legs)
+                for k in (S, D)
+            )
+            if not pending:
+                self._finalize(req, error="no endpoint could serve the request")
+        elif leg is req.target:
+            self._abandon(req)
+
+    def _stop(self, req: _Req, leg: _Leg) -> None:
+        if leg.stopped is not None:
+            return
+        leg.stopped = self.now
+        if leg.kind is S and leg.seq is not None:
+            seq = self.replicas[leg.replica].abort(leg.seq.id, self.now)
+            if seq is not None:
+                self._interrupt(leg.replica)
+        elif leg.kind is D and leg.first is not None:
+            leg.produced = min(req.n - leg.index0, 1 + int((self.now - leg.first) / self.g_dev))
+
+    def _first_token(self, req: _Req, leg: _Leg, t: float) -> None:
+        req.winner = leg.kind
+        req.active = leg
+        req.t0 = t
+        for other in req.legs:
+            if other is not leg:
+                self._stop(req, other)
+        rule = req.plan.migration if req.plan is not None else None
+        if rule is not None and leg.kind is rule.from_kind:
+            expected = float(self.policy.expected_output_tokens(req.plen)[0])
+            d = decide_migration(
+                rule, leg.kind, req.plen, 1, max(0.0, min(expected, req.n) - 1),
+                self.server, self.device, self.s.migration,
+            )  # fmt: skip
+            if d.migrate and d.at_index is not None and d.at_index < req.n:
+                req.migrate_at, req.migrate_to = d.at_index, d.target
+                if leg.kind is S and leg.seq is not None:
+                    # the token after which the delivered count first reaches at_index
+                    leg.seq.watch = d.at_index - 1 - leg.index0
+
+    def _device_first(self, req: _Req, leg: _Leg) -> None:
+        if leg.stopped is not None:
+            return
+        leg.first = self.now
+        if leg is req.target:
+            return  # a migration target: the switch is scheduled at launch
+        if req.winner is not None:
+            return
+        self._first_token(req, leg, self.now)
+        self._device_stream(req, leg, leg.index0)
+
+    def _device_times(self, leg: _Leg, lo: int, hi: int) -> np.ndarray:
+        """User times of the device leg's tokens with indices [lo, hi)."""
+        j = np.arange(lo - leg.index0, hi - leg.index0, dtype=float)
+        return leg.first + j * self.g_dev
+
+    def _device_stream(self, req: _Req, leg: _Leg, lo: int) -> None:
+        """Deliver the device source's tokens from index ``lo`` on, up to a migration launch."""
+        n = req.n
+        if req.migrate_at is not None and req.target is None:
+            k = self._launch_index(req, lo, self._device_times(leg, lo, n))
+            if k is not None:
+                self._deliver(req, leg, self._device_times(leg, lo, k))
+                self._push(float(req.times[-1][-1]), _LAUNCH, req)
+                return
+        times = self._device_times(leg, lo, n)
+        self._deliver(req, leg, times)
+        leg.produced = n - leg.index0
+        self._push(float(times[-1]), _COMPLETE, req)
+
+    def _launch_index(self, req: _Req, lo: int, times: np.ndarray) -> int | None:
+        """The delivered count k (>= migrate_at) after which the live rule launches the target:
+        the unread buffer hides t_m at reading speed. ``times``: tokens lo, lo+1, ... ."""
+        k = np.arange(lo + 1, lo + 1 + times.size)  # delivered count after each token
+        ok = k >= req.migrate_at
+        if not ok.any():
+            return None
+        rc = self.s.migration.read_tps
+        read = 1 + np.floor(rc * (times - req.t0))
+        unread = k - np.minimum(k, read)
+        t_m = self._t_m(req.migrate_to, req.plen + k)
+        hit = np.flatnonzero(ok & (unread >= rc * t_m) & (k < req.n))
+        return int(k[hit[0]]) if hit.size else None
+
+    def _t_m(self, target: EndpointKind, ctx: np.ndarray) -> np.ndarray:
+        if target is D:
+            return np.asarray(self.device.ttft(ctx), dtype=float) + self.device.tbt_s
+        base = migration_latency(target, 0, self.server, self.device, self.s.migration)
+        return base + self.server.ttft_per_prompt_token_s * ctx
+
+    def _deliver(self, req: _Req, leg: _Leg, times: np.ndarray) -> None:
+        if times.size == 0:
+            return
+        req.times.append(times)
+        req.ndel += int(times.size)
+        if req.sources and req.sources[-1][0] is leg.kind:
+            req.sources[-1] = (leg.kind, req.sources[-1][1] + int(times.size))
+        else:
+            req.sources.append((leg.kind, int(times.size)))
+
+    def _server_tokens(self, req: _Req, leg: _Leg, e: Emission) -> None:
+        if req.done:
+            return
+        times = e.times + self.half
+        leg.produced += int(times.size)
+        if leg.first is None:
+            leg.first = float(times[0])
+        if leg.role == "m":  # a server migration target
+            if req.active is leg:
+                self._deliver(req, leg, times)
+                if e.finished:
+                    self._push(float(times[-1]), _COMPLETE, req)
+            elif leg is req.target:
+                req.stash.append(times)
+                if not req.switching and leg.first <= req.deadline:
+                    req.switching = True
+                    self._push(leg.first, _SWITCH, req, leg)
+            return
+        if req.winner is None:
+            self._first_token(req, leg, float(times[0]))
+        if leg is not req.active:
+            return  # a cancelled loser's last step
+        if req.target is not None:
+            req.held.append(times)  # the target will continue after what was delivered
+            if e.finished:
+                self._push(float(times[-1]), _SRC_END, req, leg)
+            return
+        if req.migrate_at is not None:
+            k = self._launch_index(req, req.ndel, times)
+            if k is not None:
+                cut = k - req.ndel
+                self._deliver(req, leg, times[:cut])
+                req.held.append(times[cut:])
+                self._push(float(times[cut - 1]), _LAUNCH, req)
+                if e.finished:
+                    self._push(float(times[-1]), _SRC_END, req, leg)
+                return
+            if leg.seq is not None and req.ndel + times.size >= req.migrate_at:
+                leg.seq.watch = leg.seq.out  # watch every token until the launch
+        self._deliver(req, leg, times)
+        if e.finished:
+            self._push(float(times[-1]), _COMPLETE, req)
+
+    def _launch(self, req: _Req) -> None:
+        if req.done or req.target is not None or req.migrate_to is None:
+            return
+        k = req.ndel
+        rc = self.s.migration.read_tps
+        read = 1 + math.floor(rc * (self.now - req.t0))
+        unread = k - min(k, read)
+        req.deadline = self.now + unread / rc
+        req.migrate_at = None  # launched once
+        target = self._start_leg(req, req.migrate_to, k, role="m")
+        req.target = target
+        src = req.active
+        if src.seq is not None:
+            src.seq.watch = None
+        if target.kind is D:
+            t_first = self.now + float(self.device.ttft(target.ctx))
+            if t_first <= req.deadline:
+                req.switching = True
+                self._push(t_first, _SWITCH, req, target)
+        self._push(req.deadline, _DEADLINE, req, target)
+        if src.kind is D:  # the device source keeps going: its tokens are held
+            end = float(self._device_times(src, req.n - 1, req.n)[0])
+            req.held.append(self._device_times(src, k, req.n))
+            self._push(end, _SRC_END, req, src)
+
+    def _switch(self, req: _Req, target: _Leg) -> None:
+        if req.done or req.target is not target or target.stopped is not None:
+            return
+        src = req.active
+        self._stop(req, src)
+        req.held = []
+        req.active = target
+        req.target = None
+        req.migrated_at = target.index0
+        req.migrate_at = None
+        if target.kind is D:
+            target.first = self.now
+            self._device_stream(req, target, target.index0)
+            target.produced = req.n - target.index0
+        else:
+            self._flush_stash(req, target)
+            if target.seq is not None and target.seq.out >= target.seq.max_tokens:
+                self._push(float(req.times[-1][-1]), _COMPLETE, req)
+
+    def _flush_stash(self, req: _Req, leg: _Leg) -> None:
+        for t in req.stash:
+            self._deliver(req, leg, t)
+        req.stash = []
+
+    def _abandon(self, req: _Req) -> None:
+        """The target missed the buffer's deadline (or failed): the source's held tokens go out
+        now and the source goes on."""
+        target = req.target
+        if target is None or req.done:
+            return
+        self._stop(req, target)
+        req.target = None
+        req.switching = False
+        req.stash = []
+        req.migrate_at = None
+        src = req.active
+        held, req.held = req.held, []
+        if src.kind is D:
+            held_n = sum(int(h.size) for h in held)
+            lo = req.ndel
+            times = self._device_times(src, lo, lo + held_n)
+            self._deliver(req, src, np.maximum(times, self.now))
+            rest = self._device_times(src, lo + held_n, req.n)
+            self._deliver(req, src, rest)
+            src.produced = req.n - src.index0
+            self._push(float(req.times[-1][-1]), _COMPLETE, req)
+        else:
+            for h in held:
+                self._deliver(req, src, np.maximum(h, self.now))
+            if src.seq is not None and src.seq.out >= src.seq.max_tokens:
+                self._push(max(self.now, float(req.times[-1][-1])), _COMPLETE, req)
+
+    def _source_end(self, req: _Req, src: _Leg) -> None:
+        """The source finished before the switch: nothing left to move."""
+        if req.done or req.active is not src:
+            return
+        if req.target is not None:
+            self._stop(req, req.target)
+            req.target = None
+            req.switching = False
+            req.stash = []
+        for h in req.held:
+            self._deliver(req, src, np.maximum(h, self.now))
+        req.held = []
+        if src.kind is D:
+            src.produced = req.n - src.index0
+        self._push(self.now, _COMPLETE, req)
+
+    def _complete(self, req: _Req) -> None:
+        if req.done:
+            return
+        if req.ndel < req.n:
+            return  # stale: a switch or an abandon re-planned the delivery
+        self._finalize(req)
+
+    def _finalize(self, req: _Req, error: str | None = None) -> None:
+        req.done = True
+        for leg in req.legs:
+            if leg.stopped is None:
+                leg.stopped = self.now
+        times = np.concatenate(req.times) if req.times else np.zeros(0)
+        o = RequestOutcome(
+            request_id=req.rid,
+            arrival=req.arrival,
+            prompt_tokens=req.plen,
+            token_times=times,  # an array: observe() only takes its length and first entry
+            first_token_from=req.winner,
+            migrated_at=req.migrated_at,
+            server_started=any(x.kind is S and x.index0 == 0 for x in req.legs),
+            device_started=any(x.kind is D and x.index0 == 0 for x in req.legs),
+            error=error,
+        )
+        o.token_sources = [k for k, c in req.sources for _ in range(c)]
+        gpu = 0.0
+        for leg in req.legs:
+            if leg.kind is S:
+                o.server_prompt_tokens += leg.ctx
+                o.server_output_tokens += leg.seq.out if leg.seq is not None else 0
+                gpu += leg.seq.gpu_s if leg.seq is not None else 0.0
+            else:
+                o.device_prompt_tokens += prompt_charge(
+                    D, leg.ctx, leg.start, leg.stopped, leg.first is not None and
+                    leg.first <= leg.stopped, float(self.device.ttft(leg.ctx)),
+                )  # fmt: skip
+                o.device_output_tokens += leg.produced
+        for leg in req.legs:  # cancelled server sequences no longer in a replica
+            if leg.kind is S and leg.seq is not None:
+                self.by_sid.pop(leg.seq.id, None)
+        if self.preset.usd_per_hour > 0:
+            o.server_cost = gpu * self.preset.usd_per_hour / 3600.0
+        else:
+            o.server_cost = self.server.prices.cost(o.server_prompt_tokens, o.server_output_tokens)
+        o.device_energy_j = self.device.energy_j(o.device_prompt_tokens + o.device_output_tokens)
+        self.gpu_s.append(gpu)
+        self.finished.append(o)
+        if error is None:
+            self.policy.observe(o)
+
+
+def run_causal(
+    policy,
+    records: Sequence[TraceRecord],
+    preset: ServerPreset,
+    device: DeviceProfile,
+    settings: CausalSettings | None = None,
+    regime: Regime | None = None,
+) -> CausalResult:
+    """Replay ``records`` through ``policy`` against ``settings.replicas`` replicas of ``preset``."""
+    settings = settings or CausalSettings()
+    sim = CausalSim(policy, preset, device, settings)
+    outs = sim.run(records)
+    order = sorted(range(len(outs)), key=lambda j: int(outs[j].request_id))
+    outs = [outs[j] for j in order]
+    gpu = np.array([sim.gpu_s[j] for j in order])
+    ok = [o for o in outs if o.error is None and len(o.token_times)]
+    ttft = np.array([o.token_times[0] - o.arrival for o in ok])
+    q = np.array([qoe(o.token_times, o.arrival, settings.expected_ttft, settings.tds) for o in ok])
+    gaps = np.concatenate([np.diff(o.token_times) for o in ok]) if ok else np.zeros(0)
+    summary = summarize_arrays(
+        ttft=ttft,
+        qoe=q,
+        gap_values=gaps,
+        gap_weights=np.ones(gaps.size, dtype=np.int64),
+        prompt_tokens=np.array([o.prompt_tokens for o in outs], dtype=float),
+        output_tokens=np.array([len(o.token_times) for o in outs], dtype=float),
+        server_prompt=np.array([o.server_prompt_tokens for o in outs], dtype=float),
+        server_output=np.array([o.server_output_tokens for o in outs], dtype=float),
+        device_prompt=np.array([o.device_prompt_tokens for o in outs], dtype=float),
+        device_output=np.array([o.device_output_tokens for o in outs], dtype=float),
+        server_cost=np.array([o.server_cost for o in outs], dtype=float),
+        device_energy_j=np.array([o.device_energy_j for o in outs], dtype=float),
+        migrations=sum(o.migrated_at is not None for o in outs),
+        errors=len(outs) - len(ok),
+        regime=regime or getattr(policy, "regime", None),
+        device_usd_per_j=device.lambda_usd_per_j,
+    )
+    span = (max(float(o.token_times[-1]) for o in ok) - min(o.arrival for o in outs)) if ok else 0.0
+    summary["server_gpu_s"] = float(gpu.sum())
+    summary["server_cost_tokens"] = float(
+        sum(sim.server.prices.cost(o.server_prompt_tokens, o.server_output_tokens) for o in outs)
+    )
+    summary["server_replica_usd"] = settings.replicas * span * preset.usd_per_hour / 3600.0
+    summary["replica_busy"] = [r.stats.busy_s / span if span else 0.0 for r in sim.replicas]
+    return CausalResult(
+        outcomes=outs, ttft=ttft, qoe=q, gaps=gaps, server_gpu_s=gpu, summary=summary,
+        replica_samples=[r.stats.samples for r in sim.replicas],
+        replica_busy_s=[r.stats.busy_s for r in sim.replicas], events=sim.n_events,
+    )  # fmt: skip
+
+
+CAUSAL_ROW_KEYS = (
+    "policy", "regime", "budget", "budget_used", "migration", "ttft_mean", "ttft_p50", "ttft_p90",
+    "ttft_p99", "tbt_p99", "qoe_mean", "server_cost", "server_cost_tokens", "server_gpu_s",
+    "device_energy_j", "migrations", "requests", "errors",
+)  # fmt: skip
+
+
+def causal_sweep(
+    records: Sequence[TraceRecord],
+    preset: ServerPreset,
+    device: DeviceProfile,
+    regime: Regime,
+    budgets: Sequence[float],
+    policies: Sequence[str],
+    migration: Sequence[bool] = (False, True),
+    settings: CausalSettings | None = None,
+    window: int = 2000,
+    recompute_every: int = 100,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[dict]:
+    """One row per policy x budget x migration setting (each a full causal replay: with load,
+    a policy's decisions change the server it then observes, so nothing is shared)."""
+    settings = settings or CausalSettings()
+    server = preset_profile(preset)
+    cells = [(p, b, m) for p in policies for b in budgets for m in migration]
+    rows = []
+    for j, (name, b, mig) in enumerate(cells):
+        rows.append(causal_cell(records, preset, device, regime, name, b, mig, settings, window,
+                                recompute_every, server))  # fmt: skip
+        if progress is not None:
+            progress(j + 1, len(cells), f"{name} b={b:g} migration {'on' if mig else 'off'}")
+    return rows
+
+
+def causal_cell(
+    records, preset, device, regime, name, budget, mig, settings, window=2000, recompute_every=100,
+    server: ServerProfile | None = None,
+) -> dict:  # fmt: skip
+    """One cell of a sweep (also what a Ray task runs)."""
+    cfg = PolicyConfig(
+        regime=regime, budget=budget, migration=mig, window=window,
+        recompute_every=recompute_every, seed=settings.seed,
+    )  # fmt: skip
+    policy = make_policy(name, cfg, server or preset_profile(preset), device)
+    res = run_causal(policy, records, preset, device, settings, regime)
+    row = {"policy": name, "regime": regime.value, "budget": budget, "migration": mig}
+    row.update({k: res.summary.get(k) for k in CAUSAL_ROW_KEYS if k not in row})
+    return row
