@@ -78,6 +78,8 @@ class SchedulerCore:
         self.regime = regime
         self.ledger = BudgetLedger()
         self.plans = 0
+        self.plans_after_fit = 0
+        self.plans_not_device_only = 0
         self.restores = 0
         # Recent outcomes, to rebuild a policy that cannot be pickled.
         self.recent: deque[RequestOutcome] = deque(maxlen=replay_window)
@@ -86,6 +88,13 @@ class SchedulerCore:
         plan = self.policy.plan
         out = [plan(r, now) for r in requests]
         self.plans += len(out)
+        if getattr(self.policy, "_recomputes", 0) > 0:
+            # After the policy's first fit: how many plans are not device-only (a cold start
+            # plans like one), so a run can show the fitted policy at work.
+            self.plans_after_fit += len(out)
+            self.plans_not_device_only += sum(
+                p.server_start is not None or p.device_start != 0.0 for p in out
+            )
         return out
 
     def observe_many(self, outcomes: Sequence[RequestOutcome]) -> None:
@@ -99,6 +108,8 @@ class SchedulerCore:
             "policy": getattr(self.policy, "name", type(self.policy).__name__),
             "regime": self.regime.value,
             "plans": self.plans,
+            "plans_after_fit": self.plans_after_fit,
+            "plans_not_device_only": self.plans_not_device_only,
             "restores": self.restores,
             "spent_ratio": self.ledger.spent_ratio(self.regime),
             "ledger": self.ledger.to_dict(),

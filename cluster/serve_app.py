@@ -160,11 +160,21 @@ class DiscoServer:
     async def engine_stats(self) -> dict[str, Any]:
         """The engine's counters when it keeps any (the emulated one does), for tests/telemetry."""
         stats = getattr(self.engine, "stats", None)
-        if stats is None:
-            return {}
-        return {k: getattr(stats, k) for k in getattr(stats, "__slots__", ())} or dict(
-            getattr(stats, "__dict__", {})
-        )
+        out: dict[str, Any] = {}
+        if stats is not None:
+            out = {k: getattr(stats, k) for k in getattr(stats, "__slots__", ())} or dict(
+                getattr(stats, "__dict__", {})
+            )
+        if hasattr(self.engine, "replica_state"):  # a batching replica: its queue and KV too
+            out["replica"] = self.engine.replica_state()
+        return out
+
+    async def engine_samples(self) -> dict[str, Any]:
+        """This replica's id and its engine's (t, queue, running, kv) time series on the
+        monotonic clock, when it records one (a batching replica does), for plotting each
+        replica's load over time."""
+        samples = getattr(self.engine, "samples", None)
+        return {"replica": self.replica_id, "samples": samples() if callable(samples) else []}
 
     # ---- internals ----------------------------------------------------------------------------
 

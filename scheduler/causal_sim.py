@@ -87,10 +87,12 @@ class _Leg:
 class _Req:
     __slots__ = ("i", "rid", "arrival", "plen", "n", "plan", "legs", "winner", "active", "t0",
                  "times", "ndel", "migrate_at", "migrate_to", "target", "deadline", "held",
-                 "stash", "switching", "migrated_at", "done", "sources")  # fmt: skip
+                 "stash", "switching", "migrated_at", "done", "sources", "dev", "g")  # fmt: skip
 
-    def __init__(self, i: int, arrival: float, plen: int, n: int) -> None:
+    def __init__(self, i: int, arrival: float, plen: int, n: int, dev: DeviceProfile) -> None:
         self.i = i
+        self.dev = dev  # this request's own device
+        self.g = dev.tbt_s
         self.rid = str(i)
         self.arrival = arrival
         self.plen = plen
@@ -167,14 +169,18 @@ class CausalSim:
         self.gpu_s: list[float] = []
         self.n_events = 0
         self.now = 0.0
-        g = device.tbt_s
-        self.g_dev = g
 
     # ---- the loop -----------------------------------------------------------------------------
 
-    def run(self, records: Sequence[TraceRecord]) -> list[RequestOutcome]:
+    def run(
+        self, records: Sequence[TraceRecord], devices: Sequence[DeviceProfile] | None = None
+    ) -> list[RequestOutcome]:
+        """``devices``: each request's device profile (default: the simulator's device)."""
+        if devices is not None and len(devices) != len(records):
+            raise ValueError("devices must give one profile per request")
         for i, r in enumerate(records):
-            req = _Req(i, float(r.arrival), int(r.prompt_tokens), int(r.output_tokens))
+            dev = self.device if devices is None else devices[i]
+            req = _Req(i, float(r.arrival), int(r.prompt_tokens), int(r.output_tokens), dev)
             self.reqs.append(req)
             self._push(req.arrival, _ARRIVE, req)
         heap = self.heap
@@ -270,7 +276,7 @@ class CausalSim:
             leg.replica = power_of_two([r.load for r in self.replicas], self.rng)
             self._push(self.now + self.half, _SUBMIT, req, leg)
         else:
-            self._push(self.now + float(self.device.ttft(ctx)), _DEV_FIRST, req, leg)
+            self._push(self.now + float(req.dev.ttft(ctx)), _DEV_FIRST, req, leg)
         return leg
 
     def _submit(self, req: _Req, leg: _Leg) -> None:
@@ -312,7 +318,7 @@ class CausalSim:
             if seq is not None:
                 self._interrupt(leg.replica)
         elif leg.kind is D and leg.first is not None:
-            leg.produced = min(req.n - leg.index0, 1 + int((self.now - leg.first) / self.g_dev))
+            leg.produced = min(req.n - leg.index0, 1 + int((self.now - leg.first) / req.g))
 
     def _first_token(self, req: _Req, leg: _Leg, t: float) -> None:
         req.winner = leg.kind
@@ -326,7 +332,7 @@ class CausalSim:
             expected = float(self.policy.expected_output_tokens(req.plen)[0])
             d = decide_migration(
                 rule, leg.kind, req.plen, 1, max(0.0, min(expected, req.n) - 1),
-                self.server, self.device, self.s.migration,
+                self.server, req.dev, self.s.migration,
             )  # fmt: skip
             if d.migrate and d.at_index is not None and d.at_index < req.n:
                 req.migrate_at, req.migrate_to = d.at_index, d.target
@@ -345,21 +351,21 @@ class CausalSim:
         self._first_token(req, leg, self.now)
         self._device_stream(req, leg, leg.index0)
 
-    def _device_times(self, leg: _Leg, lo: int, hi: int) -> np.ndarray:
+    def _device_times(self, req: _Req, leg: _Leg, lo: int, hi: int) -> np.ndarray:
         """User times of the device leg's tokens with indices [lo, hi)."""
         j = np.arange(lo - leg.index0, hi - leg.index0, dtype=float)
-        return leg.first + j * self.g_dev
+        return leg.first + j * req.g
 
     def _device_stream(self, req: _Req, leg: _Leg, lo: int) -> None:
         """Deliver the device source's tokens from index ``lo`` on, up to a migration launch."""
         n = req.n
         if req.migrate_at is not None and req.target is None:
-            k = self._launch_index(req, lo, self._device_times(leg, lo, n))
+            k = self._launch_index(req, lo, self._device_times(req, leg, lo, n))
             if k is not None:
-                self._deliver(req, leg, self._device_times(leg, lo, k))
+                self._deliver(req, leg, self._device_times(req, leg, lo, k))
                 self._push(float(req.times[-1][-1]), _LAUNCH, req)
                 return
-        times = self._device_times(leg, lo, n)
+        times = self._device_times(req, leg, lo, n)
         self._deliver(req, leg, times)
         leg.produced = n - leg.index0
         self._push(float(times[-1]), _COMPLETE, req)
@@ -374,14 +380,14 @@ class CausalSim:
         rc = self.s.migration.read_tps
         read = 1 + np.floor(rc * (times - req.t0))
         unread = k - np.minimum(k, read)
-        t_m = self._t_m(req.migrate_to, req.plen + k)
+        t_m = self._t_m(req, req.migrate_to, req.plen + k)
         hit = np.flatnonzero(ok & (unread >= rc * t_m) & (k < req.n))
         return int(k[hit[0]]) if hit.size else None
 
-    def _t_m(self, target: EndpointKind, ctx: np.ndarray) -> np.ndarray:
+    def _t_m(self, req: _Req, target: EndpointKind, ctx: np.ndarray) -> np.ndarray:
         if target is D:
-            return np.asarray(self.device.ttft(ctx), dtype=float) + self.device.tbt_s
-        base = migration_latency(target, 0, self.server, self.device, self.s.migration)
+            return np.asarray(req.dev.ttft(ctx), dtype=float) + req.dev.tbt_s
+        base = migration_latency(target, 0, self.server, req.dev, self.s.migration)
         return base + self.server.ttft_per_prompt_token_s * ctx
 
     def _deliver(self, req: _Req, leg: _Leg, times: np.ndarray) -> None:
@@ -452,14 +458,14 @@ class CausalSim:
         if src.seq is not None:
             src.seq.watch = None
         if target.kind is D:
-            t_first = self.now + float(self.device.ttft(target.ctx))
+            t_first = self.now + float(req.dev.ttft(target.ctx))
             if t_first <= req.deadline:
                 req.switching = True
                 self._push(t_first, _SWITCH, req, target)
         self._push(req.deadline, _DEADLINE, req, target)
         if src.kind is D:  # the device source keeps going: its tokens are held
-            end = float(self._device_times(src, req.n - 1, req.n)[0])
-            req.held.append(self._device_times(src, k, req.n))
+            end = float(self._device_times(req, src, req.n - 1, req.n)[0])
+            req.held.append(self._device_times(req, src, k, req.n))
             self._push(end, _SRC_END, req, src)
 
     def _switch(self, req: _Req, target: _Leg) -> None:
@@ -502,9 +508,9 @@ class CausalSim:
         if src.kind is D:
             held_n = sum(int(h.size) for h in held)
             lo = req.ndel
-            times = self._device_times(src, lo, lo + held_n)
+            times = self._device_times(req, src, lo, lo + held_n)
             self._deliver(req, src, np.maximum(times, self.now))
-            rest = self._device_times(src, lo + held_n, req.n)
+            rest = self._device_times(req, src, lo + held_n, req.n)
             self._deliver(req, src, rest)
             src.produced = req.n - src.index0
             self._push(float(req.times[-1][-1]), _COMPLETE, req)
@@ -564,7 +570,7 @@ class CausalSim:
             else:
                 o.device_prompt_tokens += prompt_charge(
                     D, leg.ctx, leg.start, leg.stopped, leg.first is not None and
-                    leg.first <= leg.stopped, float(self.device.ttft(leg.ctx)),
+                    leg.first <= leg.stopped, float(req.dev.ttft(leg.ctx)),
                 )  # fmt: skip
                 o.device_output_tokens += leg.produced
         for leg in req.legs:  # cancelled server sequences no longer in a replica
@@ -574,7 +580,7 @@ class CausalSim:
             o.server_cost = gpu * self.preset.usd_per_hour / 3600.0
         else:
             o.server_cost = self.server.prices.cost(o.server_prompt_tokens, o.server_output_tokens)
-        o.device_energy_j = self.device.energy_j(o.device_prompt_tokens + o.device_output_tokens)
+        o.device_energy_j = req.dev.energy_j(o.device_prompt_tokens + o.device_output_tokens)
         self.gpu_s.append(gpu)
         self.finished.append(o)
         if error is None:
@@ -588,11 +594,13 @@ def run_causal(
     device: DeviceProfile,
     settings: CausalSettings | None = None,
     regime: Regime | None = None,
+    devices: Sequence[DeviceProfile] | None = None,
 ) -> CausalResult:
-    """Replay ``records`` through ``policy`` against ``settings.replicas`` replicas of ``preset``."""
+    """Replay ``records`` through ``policy`` against ``settings.replicas`` replicas of ``preset``
+    (``devices``: each request's own device profile; default ``device`` for all)."""
     settings = settings or CausalSettings()
     sim = CausalSim(policy, preset, device, settings)
-    outs = sim.run(records)
+    outs = sim.run(records, devices)
     order = sorted(range(len(outs)), key=lambda j: int(outs[j].request_id))
     outs = [outs[j] for j in order]
     gpu = np.array([sim.gpu_s[j] for j in order])

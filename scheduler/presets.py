@@ -120,3 +120,106 @@ SERVER_PRESETS.add(
         source="fitted from scheduler/data/profile-llamacpp-gemma3-270m.json (measured here)",
     ),
 )
+
+# Llama-3-8B (bf16) under vLLM on one NVIDIA A10G (24 GB, 600 GB/s; AWS g5.xlarge). The demo's
+# default: a GPU class whose queue matters at the rates this 2-core machine can stream through
+# Ray Serve. Our first-principles numbers (assumptions, to be replaced by a fit from a real
+# replica with `disco profile --fit-batching`):
+# - base_s: a decode step reads all 16.06 GB of weights: 16.06 / 600 GB/s = 26.8 ms at peak
+#   bandwidth; ~30 ms at the ~90 % that memory-bound kernels reach.
+# - context_token_s: each context token's KV (2 x 32 layers x 8 KV heads x 128 x 2 bytes = 128 KiB)
+#   read once per step: 131072 / 600e9 = 0.22 us.
+# - decode_seq_s: 0.2 ms per sequence for sampling, logits and scheduling (assumption).
+# - prefill_token_s: 2 x 8.0e9 FLOPs per token at ~45 % of the A10G's ~70 dense bf16 TFLOPS
+#   -> 0.5 ms/token... measured vLLM prefill on A10G is ~2.5-3k tokens/s: 0.35 ms (assumption).
+# - kv_tokens: 24 GB x 0.9 (gpu_memory_utilization) - 16.06 GB weights - ~1.5 GB activations
+#   = ~4.0 GB / 128 KiB = ~30k tokens.
+# - max_batched_tokens 2048, max_num_seqs 256: vLLM V1's defaults for the OpenAI server on GPUs
+#   of this size (vllm/engine/arg_utils.py).
+# - usd_per_hour: AWS g5.xlarge on-demand list price (us-east-1), $1.006/h.
+# - per-token prices: Together AI's list price for Llama 3 8B Instruct Turbo, $0.18 / 1M tokens in
+#   and out, as the "API equivalent" the policies' migration arithmetic uses.
+SERVER_PRESETS.add(
+    "llama3-8b-a10g",
+    ServerPreset(
+        name="llama3-8b-a10g",
+        step=StepModel(base_s=0.030, prefill_token_s=3.5e-4, decode_seq_s=2.0e-4,
+                       context_token_s=2.2e-7),  # fmt: skip
+        kv_tokens=30_000,
+        max_batched_tokens=2048,
+        max_num_seqs=256,
+        block_size=16,
+        prefix_caching=True,
+        usd_per_hour=1.006,
+        input_per_mtok=0.18,
+        output_per_mtok=0.18,
+        model="Llama-3-8B bf16 under vLLM",
+        hardware="1 x NVIDIA A10G 24 GB (AWS g5.xlarge)",
+        source="first-principles estimate from the A10G's bandwidth and FLOPs (assumptions "
+        "stated in scheduler/presets.py); price: AWS on-demand list",
+    ),
+)
+
+
+# Fitted by bench/fit_vidur_preset.py from Microsoft Vidur's GPU profiling data (microsoft/vidur @
+# 7d47513, data/profiling/compute/<gpu>/<model>/{mlp,attention}.csv, TP 1): per-operator times
+# summed over 32 layers for 1,975 synthetic steps (chunked prefill 0-4096 tokens, decode batches
+# 0-256, contexts up to the model's maximum), then the linear step model fitted on them (fit error:
+# median relative error; P90 in the comments). Excluded, as Vidur excludes them: LM head,
+# sampling and CPU overheads (~1-1.5 ms a step). Cross-check (LambdaLabsML/vllm-benchmark,
+# Llama-3-8B-Instruct, 10 concurrent 1,369-token prompts): measured TTFT 126.7 ms / TPOT 12.0 ms
+# on A100, 62.2 / 7.56 ms on H100; these models predict a 139 / 57.5 ms prefill and a 10.5 / 6.3 ms
+# decode step at batch 1. KV: (GPU memory x 0.9 - weights - 3 GiB) / KV bytes per token.
+# Prices: on-demand cloud list prices per GPU-hour (assumption: typical 2024-25 offers).
+SERVER_PRESETS.add(
+    "llama3-8b-a100",
+    ServerPreset(
+        name="llama3-8b-a100",
+        step=StepModel(base_s=9.47e-3, prefill_token_s=9.47e-5, decode_seq_s=4.11e-5,
+                       context_token_s=9.17e-8, fit_error=0.053),  # fmt: skip  P90 13.3 %
+        kv_tokens=442_715,
+        max_batched_tokens=8192,
+        max_num_seqs=256,
+        usd_per_hour=1.79,
+        input_per_mtok=0.18,
+        output_per_mtok=0.18,
+        model="Llama-3-8B bf16 under vLLM",
+        hardware="1 x NVIDIA A100-SXM 80 GB",
+        source="fitted from Vidur's A100 Llama-3-8B profiles (bench/fit_vidur_preset.py)",
+    ),
+)
+SERVER_PRESETS.add(
+    "llama3-8b-h100",
+    ServerPreset(
+        name="llama3-8b-h100",
+        step=StepModel(base_s=6.04e-3, prefill_token_s=3.76e-5, decode_seq_s=1.39e-5,
+                       context_token_s=5.63e-8, fit_error=0.062),  # fmt: skip  P90 17.6 %
+        kv_tokens=440_116,
+        max_batched_tokens=8192,
+        max_num_seqs=256,
+        usd_per_hour=2.99,
+        input_per_mtok=0.18,
+        output_per_mtok=0.18,
+        model="Llama-3-8B bf16 under vLLM",
+        hardware="1 x NVIDIA H100-SXM 80 GB",
+        source="estimate: Vidur's H100 Llama-2-7B GEMM profiles scaled to Llama-3-8B's weights, "
+        "A100 attention scaled by bandwidth (x0.609) and FlashAttention throughput (x0.6)",
+    ),
+)
+SERVER_PRESETS.add(
+    "llama2-7b-a40",
+    ServerPreset(
+        name="llama2-7b-a40",
+        step=StepModel(base_s=2.28e-2, prefill_token_s=1.47e-4, decode_seq_s=5.20e-5,
+                       context_token_s=8.32e-7, fit_error=0.066),  # fmt: skip  P90 13.8 %
+        kv_tokens=51_073,
+        max_batched_tokens=4096,
+        max_num_seqs=256,
+        usd_per_hour=0.79,
+        input_per_mtok=0.18,
+        output_per_mtok=0.18,
+        model="Llama-2-7B fp16 under vLLM (Vidur's older FlashAttention profiles, 4k context)",
+        hardware="1 x NVIDIA A40 48 GB",
+        source="fitted from Vidur's A40 Llama-2-7B profiles (bench/fit_vidur_preset.py)",
+    ),
+)

@@ -252,7 +252,12 @@ def profile_from_dict(d: dict[str, Any]) -> Profile:
 
 
 def load_profile(name_or_path: str, kind: str) -> Profile:
-    """A named profile, or a JSON file (as written by ``disco profile``)."""
+    """A named profile, or a JSON file (as written by ``disco profile``). For servers,
+    ``preset:NAME`` is the load-free view of a self-hosted server preset (``presets.py``)."""
+    if kind == "server" and name_or_path.startswith("preset:"):
+        from .presets import load_preset, preset_profile  # presets builds on this module
+
+        return preset_profile(load_preset(name_or_path.removeprefix("preset:")))
     reg = SERVER_PROFILES if kind == "server" else DEVICE_PROFILES
     if name_or_path in reg:
         return reg.get(name_or_path)

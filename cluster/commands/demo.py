@@ -1,18 +1,23 @@
 """`disco demo`: the whole testbed end to end, DiSCo against its baselines, in one command.
 
 1. Takes a slice of the shipped Azure conversation trace, thinned to a rate this machine can
-   serve, and builds real prompts of the trace's lengths (capped for the small models).
-2. Starts the testbed through the runtime (``Testbed.start``): local Ray, a server replica
-   (llama.cpp on CPU; vLLM where a CUDA GPU and vLLM are present), the scheduler actor, a real
-   llama.cpp device agent, and an emulated fleet with an HTTP front per device (``FleetHttpActor``).
+   serve, and builds real prompts of the trace's lengths and output lengths (capped where the real
+   small device model needs it).
+2. Starts the testbed through the runtime (``Testbed.start``): local Ray, the server replicas
+   behind Ray Serve (on CPU: emulated GPU-class replicas that run the continuous-batching model of
+   a server preset in real time, so their queue grows with the load the devices send; vLLM where a
+   CUDA GPU and vLLM are present; llama.cpp on request), the scheduler actor, a real llama.cpp
+   device agent, and an emulated fleet of the paper's phones with an HTTP front per device.
 3. For each policy: a fresh scheduler actor, device agent and fleet (so budgets, online estimates
    and counters start from zero; Ray, Serve and the server replica stay up), then the same
    schedule replayed open-loop by Locust in its own process (``disco.loadgen``).
 4. TTFT / TBT / QoE from Locust's client-side records; server cost, device energy and migrations
    from the device side's counters (agent and fleet metrics); budget used from the outcomes the
    devices reported to the scheduler (its ledger).
-5. Prints the comparison table, writes DIR/summary.json, plots, and the simulator's prediction for
-   the same requests next to the measurement (DIR/sim_vs_live.md); shuts everything down.
+5. Prints the comparison table, writes DIR/summary.json, plots (each replica's queue and running
+   batch over time per policy among them), and the causal simulator's prediction for the same
+   schedule, preset, replicas and seed next to the measurement (DIR/sim_vs_live.md); shuts
+   everything down.
 """
 
 from __future__ import annotations
@@ -26,28 +31,34 @@ from typing import Any
 
 from disco.cluster.errors import CliError
 
-DEFAULT_POLICIES = "disco,server-only,device-only,race"
+DEFAULT_POLICIES = "disco,disco:nomig,server-only,device-only,race,random,length"
+QUICK_POLICIES = "disco,disco:nomig,device-only,random"
+NO_MIGRATION = ":nomig"  # a policy run with migration off (same policy, same budget)
 
 
 @dataclass(frozen=True, slots=True)
 class DemoSize:
-    """How much load: chosen so ``--quick`` stays under 5 minutes on 2 cores, the default under 20."""
+    """How much load: ``--quick`` stays under 5 minutes on 2 cores with >= 150 requests for each
+    of its four policies; the full run sends >= 600 per policy."""
 
     duration_s: float  # replayed trace time per policy
     rate: float  # requests/s after thinning the trace
     devices: int  # emulated devices (plus the one real llama.cpp agent)
-    max_tokens: int
+    max_tokens: int  # cap on the trace's output lengths (the real small model's context)
     max_prompt_tokens: int
-    # The trace's prompts (median ~1,000 tokens) scaled to what 2-core CPU models prefill in
-    # about a second, keeping the length distribution's shape (see build_schedule).
-    prompt_scale: float = 0.125
+    prompt_scale: float = 1.0  # the trace's own prompt lengths
 
 
-QUICK = DemoSize(duration_s=30.0, rate=1.0, devices=4, max_tokens=24, max_prompt_tokens=384)
-# The one-stream CPU server replica serves ~0.6-0.8 requests/s of these sizes: the full run keeps
-# it below saturation over 200 s (server-only then shows queueing, not an ever-growing backlog);
-# the quick run's 30 s at 1/s overloads it briefly, which is the server tail DiSCo hedges.
-FULL = DemoSize(duration_s=200.0, rate=0.6, devices=8, max_tokens=32, max_prompt_tokens=512)
+# Sized on this 2-core machine (bench/results/demo.md): Ray Serve streams ~1.5-2k chunks/s here,
+# so the token rate stays well under that. Two emulated replicas of the demo preset at ~3
+# requests/s of Azure conversation prompts keep the server's queue busy: in the causal simulator
+# server-only's mean TTFT is ~7 s at 3/s over 200 s (0.7 s at 2/s), without the unbounded backlog
+# of 3.5/s; the quick run's 45 s at 3.5/s fills the replicas' KV caches without running away.
+QUICK = DemoSize(duration_s=45.0, rate=3.5, devices=12, max_tokens=128, max_prompt_tokens=1536)
+FULL = DemoSize(duration_s=200.0, rate=3.0, devices=24, max_tokens=256, max_prompt_tokens=1536)
+DEMO_PRESET = "llama3-8b-a10g"  # see scheduler/presets.py for every number's source
+DEMO_REPLICAS = 2
+PAPER_DEVICES = ("xiaomi14-qwen0.5b", "pixel7pro-bloom1.1b")  # the fleet, cycled
 # Locust shares the 2 cores with both llama.cpp engines: a higher priority (where allowed) keeps
 # its sends on schedule; it needs a few % of one core.
 LOCUST_NICE = -5
@@ -65,16 +76,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quick", action="store_true", help="a small run (< 5 min on 2 cores)")
     p.add_argument("--out", default="results/demo", help="output folder (default: results/demo)")
-    p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"default: {DEFAULT_POLICIES}")
+    p.add_argument("--policies",
+                   help=f"NAME or NAME{NO_MIGRATION} (migration off); default: {DEFAULT_POLICIES} "
+                   f"(--quick: {QUICK_POLICIES})")  # fmt: skip
     p.add_argument("--budget", type=float, default=0.3, help="budget ratio b in [0, 1]")
-    p.add_argument("--regime", choices=("server", "device"), default="server",
-                   help="which endpoint the budget constrains (default: server)")  # fmt: skip
+    p.add_argument("--regime", choices=("server", "device"), default="device",
+                   help="which endpoint the budget constrains (default: device: DiSCo-D hedges the "
+                   "self-hosted server's queueing tail with the device)")  # fmt: skip
     p.add_argument("--duration", type=float, help="trace seconds replayed per policy")
     p.add_argument("--rate", type=float, help="requests/s (the trace slice is thinned to it)")
     p.add_argument("--devices", type=int, help="emulated devices besides the real one")
     p.add_argument("--start", type=float, default=600.0, help="trace offset of the slice, s")
     p.add_argument("--server-engine", choices=("auto", "llamacpp", "vllm", "emulated"),
-                   default="auto", help="auto: vllm with a CUDA GPU, else llamacpp")  # fmt: skip
+                   default="auto", help="auto: vllm with a CUDA GPU, else emulated (the "
+                   "continuous-batching model of --server-preset in real time)")
+    p.add_argument("--server-preset", default=DEMO_PRESET,
+                   help=f"server preset of the emulated replicas (default {DEMO_PRESET}; "
+                   "disco sim --list-server-presets)")
+    p.add_argument("--replicas", type=int, default=DEMO_REPLICAS,
+                   help=f"server replicas (default {DEMO_REPLICAS})")  # fmt: skip
     p.add_argument("--no-agent", action="store_true", help="no real llama.cpp device agent")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run)
@@ -98,12 +118,17 @@ def _policies(spec: str) -> list[str]:
 
     names = [p.strip() for p in spec.split(",") if p.strip()]
     known = policy_names()
-    bad = [p for p in names if p not in known]
+    bad = [p for p in names if p.removesuffix(NO_MIGRATION) not in known]
     if not names or bad:
         raise CliError(f"unknown policy {', '.join(bad) or '(none)'} (known: {', '.join(known)})")
     if len(set(names)) != len(names):
         raise CliError("--policies lists a policy twice")
     return names
+
+
+def split_policy(label: str) -> tuple[str, bool]:
+    """``disco:nomig`` -> ("disco", False): the policy and whether migration is on."""
+    return label.removesuffix(NO_MIGRATION), not label.endswith(NO_MIGRATION)
 
 
 def _server_engine(choice: str) -> str:
@@ -115,14 +140,15 @@ def _server_engine(choice: str) -> str:
         try:
             import vllm  # noqa: F401
         except ImportError:
-            return "llamacpp"
+            return "emulated"
         return "vllm"
-    return "llamacpp"
+    return "emulated"
 
 
 def testbed_config(
-    size: DemoSize, policy: str, budget: float, regime: str, engine: str, agent: bool, seed: int
-) -> Any:
+    size: DemoSize, policy: str, budget: float, regime: str, engine: str, agent: bool, seed: int,
+    preset: str = DEMO_PRESET, replicas: int = DEMO_REPLICAS,
+) -> Any:  # fmt: skip
     """The demo's testbed: everything sized for a 2-core laptop (one thread per llama.cpp)."""
     from disco.cluster.config import (
         AgentConfig,
@@ -134,9 +160,11 @@ def testbed_config(
         TestbedConfig,
     )
 
+    server_profile = f"preset:{preset}"  # the load-free prior the policies start from
     if engine == "llamacpp":
+        server_profile = "preset:llamacpp-gemma3-270m-cpu2"
         server = ServerConfig(
-            engine="llamacpp", num_cpus=1.0, http=HttpConfig(port=0),
+            engine="llamacpp", num_cpus=1.0, http=HttpConfig(port=0), num_replicas=replicas,
             engine_kwargs={"model": SERVER_MODEL, "kind": "server", "n_threads": 1, "n_ctx": 2048},
         )  # fmt: skip
     elif engine == "vllm":
@@ -144,27 +172,34 @@ def testbed_config(
 
         server = ServerConfig(
             engine="vllm", num_cpus=1.0, num_gpus=1.0, http=HttpConfig(port=0),
+            num_replicas=replicas,
             engine_kwargs={"model": str(resolve_model(SERVER_MODEL))},
         )  # fmt: skip
     else:
         server = ServerConfig(
-            engine="emulated", num_cpus=0.1, http=HttpConfig(port=0),
-            engine_kwargs={"profile": "gpt-4o-mini"},
+            engine="emulated", num_cpus=0.1, http=HttpConfig(port=0), num_replicas=replicas,
+            engine_kwargs={"preset": preset, "seed": seed},
+            # Far above what a replica batches (max_num_seqs): queueing happens in the
+            # replica's own scheduler, as in vLLM, not in Serve's router.
+            max_ongoing_requests=1024,
         )  # fmt: skip
     return TestbedConfig(
         ray=RayConfig(include_dashboard=False),  # Ray itself is started by _start_ray
         server=server,
         scheduler=SchedulerConfig(
-            policy=policy,
+            policy=split_policy(policy)[0],
+            migration=split_policy(policy)[1],
             budget=budget,
             regime=regime,
             seed=seed,
+            server_profile=server_profile,
             checkpoint="none",
             # The demo sends ~30-150 requests per policy: re-estimate often enough to adapt.
             window=SCHED_WINDOW,
             recompute_every=SCHED_RECOMPUTE,
         ),  # fmt: skip
-        fleet=FleetConfig(devices=0),  # the demo starts its own fleet, with an HTTP front
+        # The demo starts its own fleet (with an HTTP front) from this section.
+        fleet=FleetConfig(devices=0, profiles=list(PAPER_DEVICES), seed=seed),
         agent=AgentConfig(
             enabled=agent,
             model=DEVICE_MODEL,
@@ -189,6 +224,9 @@ def device_totals(tb: Any) -> dict[str, Any]:
     stats = ray.get(tb.scheduler.stats.remote(), timeout=30)
     tot["budget_used"] = stats.get("spent_ratio")
     tot["ledger"] = stats.get("ledger")
+    tot["plans"] = stats.get("plans")
+    tot["plans_after_fit"] = stats.get("plans_after_fit")
+    tot["plans_not_device_only"] = stats.get("plans_not_device_only")
     return tot
 
 
@@ -203,8 +241,16 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     if not 0.0 <= args.budget <= 1.0:
         raise CliError(f"--budget must be in [0, 1], got {args.budget}")
-    policies = _policies(args.policies)
+    policies = _policies(args.policies or (QUICK_POLICIES if args.quick else DEFAULT_POLICIES))
     size = _size(args)
+    if args.replicas < 1:
+        raise CliError(f"--replicas must be >= 1, got {args.replicas}")
+    try:
+        from disco.scheduler.presets import load_preset
+
+        preset = load_preset(args.server_preset)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     if size.duration_s <= 0 or size.rate <= 0 or size.devices < 0:
         raise CliError("--duration and --rate must be > 0, --devices >= 0")
     if args.no_agent and size.devices == 0:
@@ -213,8 +259,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    server_desc = (f"{args.replicas} x emulated {preset.name}" if engine == "emulated"
+                   else f"{args.replicas} x {engine}")  # fmt: skip
     say(f"{len(policies)} policies ({', '.join(policies)}), budget {args.budget:g} "
-        f"({args.regime}-constrained), server engine {engine}, "
+        f"({args.regime}-constrained), server {server_desc}, "
         f"{'1 real llama.cpp device + ' if not args.no_agent else ''}{size.devices} emulated")  # fmt: skip
     try:
         trace = load_trace(default_trace_path())
@@ -232,9 +280,12 @@ def run(args: argparse.Namespace) -> int:
     reqs = prepare(arrivals, placeholders, opts)
 
     cfg = testbed_config(size, policies[0], args.budget, args.regime, engine,
-                         not args.no_agent, args.seed)  # fmt: skip
-    rows, runs, devices_seen = _run_policies(cfg, policies, reqs, placeholders, opts, size, out)
-    _report(rows, runs, reqs, policies, args, size, engine, out, devices_seen)
+                         not args.no_agent, args.seed, preset.name, args.replicas)  # fmt: skip
+    rows, runs, devices_seen, replica_series = _run_policies(
+        cfg, policies, reqs, placeholders, opts, size, out
+    )
+    _report(rows, runs, reqs, policies, args, size, engine, out, devices_seen, preset,
+            replica_series)  # fmt: skip
     say(f"done in {time.monotonic() - started:.0f} s; results in {out}/")
     return 130 if any(r.get("interrupted") for r in rows) else 0
 
@@ -246,8 +297,9 @@ def _run_policies(cfg, policies, reqs, placeholders, opts, size, out):
     rows: list[dict[str, Any]] = []
     runs: dict[str, list] = {}
     seen: dict[str, Any] = {}
+    series: dict[str, dict[str, list]] = {}
     t = time.monotonic()
-    say("starting the testbed (local Ray, Serve server replica); ~20-40 s...")
+    say("starting the testbed (local Ray, Serve server replicas); ~20-40 s...")
     _start_ray(cfg)
     try:
         tb = Testbed.start(replace(cfg, agent=replace(cfg.agent, enabled=False)))
@@ -262,8 +314,10 @@ def _run_policies(cfg, policies, reqs, placeholders, opts, size, out):
             t = time.monotonic()
             # A fresh scheduler actor, agent and fleet per policy (the runtime's own scheduler
             # actor is replaced by the first): budgets, estimates and counters start from zero.
-            tb.restart_device_side(replace(cfg.scheduler, policy=policy), fleet=fleet,
-                                   agent=cfg.agent, fleet_http=True)  # fmt: skip
+            name, mig = split_policy(policy)
+            tb.restart_device_side(replace(cfg.scheduler, policy=name, migration=mig),
+                                   fleet=fleet, agent=cfg.agent, fleet_http=True)  # fmt: skip
+            t_policy = time.monotonic()
             targets = tb.device_urls
             say(f"[{i + 1}/{len(policies)}] {policy}: scheduler, {len(targets)} device(s) up "
                 f"in {time.monotonic() - t:.0f} s; replaying {len(reqs)} requests...")  # fmt: skip
@@ -278,6 +332,7 @@ def _run_policies(cfg, policies, reqs, placeholders, opts, size, out):
                 dev = {}
             seen[policy] = dev
             runs[policy] = res.records
+            series[policy] = replica_samples(tb.server_handle, since=t_policy)
             rows.append(_row(policy, cfg.scheduler.budget, res.summary, dev, res.run.interrupted))
             s = res.summary
             say(f"[{i + 1}/{len(policies)}] {policy}: {s['requests']} requests, {s['errors']} errors, "
@@ -291,7 +346,24 @@ def _run_policies(cfg, policies, reqs, placeholders, opts, size, out):
         say("shutting the testbed down...")
         tb.shutdown()
         _stop_ray()
-    return rows, runs, seen
+    return rows, runs, seen, series
+
+
+def replica_samples(handle: Any, since: float, calls: int = 24) -> dict[str, list]:
+    """Each replica's (t, queue, running, kv) samples since ``since`` (monotonic clock; the demo
+    runs on one machine). Serve routes each call to one replica, so the same call is made a
+    few times and the answers are keyed by replica id (two replicas are both reached with
+    probability 1 - 2^-23 in 24 calls)."""
+    out: dict[str, list] = {}
+    try:
+        for _ in range(calls):
+            got = handle.engine_samples.remote().result(timeout_s=30)
+            rid = got.get("replica", "?") if isinstance(got, dict) else "?"
+            samples = got.get("samples", []) if isinstance(got, dict) else []
+            out[rid] = [(t - since, q, r, kv) for t, q, r, kv in samples if t >= since]
+    except Exception as e:  # noqa: BLE001 - a plot is not worth failing the demo
+        say(f"replica samples unavailable: {e!r}")
+    return out
 
 
 def _start_ray(cfg: Any) -> None:
@@ -314,13 +386,17 @@ def _stop_ray() -> None:
     ray.shutdown()
 
 
-ROW_KEYS = ("policy", "budget", "requests", "errors", "ttft_mean", "ttft_p50", "ttft_p99",
-            "tbt_p99", "qoe_mean", "server_cost", "device_energy_j", "budget_used", "migrations")  # fmt: skip
+ROW_KEYS = ("policy", "migration", "budget", "requests", "errors", "ttft_mean", "ttft_p50",
+            "ttft_p99", "tbt_p99", "qoe_mean", "server_cost", "device_energy_j", "budget_used",
+            "migrations")  # fmt: skip
+SIM_KEYS = ("policy", "migration", "ttft_mean", "ttft_p99", "budget_used", "server_cost",
+            "migrations")  # fmt: skip
 
 
 def _row(policy: str, budget: float, s: dict, dev: dict, interrupted: bool) -> dict[str, Any]:
     return {
-        "policy": policy, "budget": budget, "requests": s["requests"], "errors": s["errors"],
+        "policy": policy, "migration": split_policy(policy)[1], "budget": budget,
+        "requests": s["requests"], "errors": s["errors"],
         "ttft_mean": s["ttft_mean"], "ttft_p50": s["ttft_p50"], "ttft_p99": s["ttft_p99"],
         "tbt_p99": s["tbt_p99"], "qoe_mean": s["qoe_mean"],
         "server_cost": dev.get("server_cost_usd"), "device_energy_j": dev.get("device_energy_j"),
@@ -329,7 +405,8 @@ def _row(policy: str, budget: float, s: dict, dev: dict, interrupted: bool) -> d
     }  # fmt: skip
 
 
-def _report(rows, runs, reqs, policies, args, size, engine, out, devices_seen) -> None:
+def _report(rows, runs, reqs, policies, args, size, engine, out, devices_seen, preset,
+            series) -> None:  # fmt: skip
     from disco.loadgen.report import table, write_json, write_plots
 
     if not rows:
@@ -341,35 +418,180 @@ def _report(rows, runs, reqs, policies, args, size, engine, out, devices_seen) -
     measured = {p: recs for p, recs in runs.items() if recs}
     if measured:
         write_plots(measured, out)
-    comparison, sim_md = _sim_vs_live(rows, runs, reqs, policies, args)
+    if any(series.values()):
+        plot_replicas(series, out / "replicas.png")
+    sim_rows = simulate_schedule(reqs, policies, args, preset, engine, not args.no_agent)
+    sim_md = sim_vs_live_md(rows, sim_rows, args, preset, engine, len(reqs))
+    print(table(sim_rows, list(SIM_KEYS)))
     (out / "sim_vs_live.md").write_text(sim_md)
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     cfg = {
         "policies": policies, "budget": args.budget, "regime": args.regime,
-        "quick": bool(args.quick), "server_engine": engine, "size": asdict(size),
+        "quick": bool(args.quick), "server_engine": engine, "server_preset": preset.name,
+        "replicas": args.replicas, "size": asdict(size), "device_profiles": list(PAPER_DEVICES),
         "trace": "azure_llm_2023_conv (shipped)", "trace_start_s": args.start, "seed": args.seed,
     }  # fmt: skip
     write_json(out / "summary.json", {
-        "rows": [{k: r[k] for k in ROW_KEYS} for r in rows], "config": cfg,
-        "device_side": devices_seen, "sim_vs_live": comparison, "date": date, "machine": _machine(),
+        "rows": [{k: r[k] for k in ROW_KEYS} for r in rows], "sim_rows": sim_rows, "config": cfg,
+        "device_side": devices_seen, "date": date, "machine": _machine(),
+        "commit": _commit(), "versions": _versions(), "seed": args.seed,
     })  # fmt: skip
+    server_desc = (
+        f"{args.replicas} x emulated `{preset.name}` ({preset.model} on {preset.hardware}; the "
+        "continuous-batching model in real time)" if engine == "emulated"
+        else f"{args.replicas} x {engine} ({SERVER_MODEL})"
+    )  # fmt: skip
     md = [
         f"# `disco demo{' --quick' if args.quick else ''}`",
         "",
-        f"{date}, {_machine()}. Server replica: {engine} ({SERVER_MODEL if engine != 'emulated' else 'gpt-4o-mini profile'}); "
-        f"devices: {'one real llama.cpp agent (' + DEVICE_MODEL + ') + ' if not args.no_agent else ''}"
-        f"{size.devices} emulated; {len(reqs)} requests per policy from {size.duration_s:g} s of "
-        f"the Azure conversation trace (offset {args.start:g} s) thinned to {size.rate:g}/s, "
-        f"prompt lengths x{size.prompt_scale:g} (cap {size.max_prompt_tokens}), outputs capped at "
-        f"{size.max_tokens} tokens; budget {args.budget:g}, {args.regime}-constrained.",
+        f"{date}, {_machine()}, commit {_commit()}. Server: {server_desc}; devices: "
+        f"{'one real llama.cpp agent (' + DEVICE_MODEL + ') + ' if not args.no_agent else ''}"
+        f"{size.devices} emulated ({', '.join(PAPER_DEVICES)}, cycled); {len(reqs)} requests per "
+        f"policy from {size.duration_s:g} s of the Azure conversation trace (offset "
+        f"{args.start:g} s) thinned to {size.rate:g}/s, the trace's prompt lengths (cap "
+        f"{size.max_prompt_tokens}) and output lengths (cap {size.max_tokens}); budget "
+        f"{args.budget:g}, {args.regime}-constrained; seed {args.seed}.",
         "TTFT/TBT/QoE: client side (Locust); server cost, device energy, migrations: the devices' "
         "counters; budget used: the devices' outcome reports, as the scheduler's ledger sums them.",
         "",
         table(rows, cols, markdown=True),
         "",
+        "![replicas](replicas.png)" if any(series.values()) else "",
+        "",
         sim_md.replace("# Simulator", "## Simulator", 1),
     ]  # fmt: skip
     (out / "demo.md").write_text("\n".join(md))
+
+
+def plot_replicas(series: dict[str, dict[str, list]], path: Path) -> None:
+    """One panel per policy: each replica's waiting queue and running batch over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pols = [p for p, s in series.items() if s]
+    fig, axes = plt.subplots(len(pols), 1, figsize=(9, 1.9 * len(pols) + 0.6), sharex=True,
+                             squeeze=False)  # fmt: skip
+    for ax, pol in zip(axes[:, 0], pols, strict=True):
+        for k, (rid, samples) in enumerate(sorted(series[pol].items())):
+            if not samples:
+                continue
+            t, q, r, _ = zip(*samples, strict=True)
+            ax.step(t, r, where="post", color=f"C{k}", lw=1, label=f"replica {rid[:4]} running")
+            ax.step(t, q, where="post", color=f"C{k}", lw=1, ls="--", label=f"{rid[:4]} waiting")
+        ax.set_ylabel("sequences")
+        ax.set_title(pol, fontsize=9, loc="left")
+        ax.legend(fontsize=7, ncol=4, loc="upper right")
+    axes[-1, 0].set_xlabel("seconds since the policy's run started")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def simulate_schedule(reqs, policies, args, preset, engine, agent) -> list[dict[str, Any]]:
+    """The causal simulator on the demo's own schedule, preset, replicas, devices and seed."""
+    from disco.scheduler.causal_sim import CausalSettings, run_causal
+    from disco.scheduler.migration import MigrationConfig
+    from disco.scheduler.policies import PolicyConfig, make_policy
+    from disco.scheduler.presets import load_preset, preset_profile
+    from disco.scheduler.profiles import load_profile
+    from disco.scheduler.traces import TraceRecord
+    from disco.scheduler.types import Regime
+
+    if engine == "llamacpp":
+        preset = load_preset("llamacpp-gemma3-270m-cpu2")
+    elif engine != "emulated":
+        return []  # no preset describes a real GPU engine here: fit one (disco profile)
+    from disco.device_agents.engines.emulated import estimate_tokens
+
+    profiles = [load_profile(p, "device") for p in PAPER_DEVICES]
+    real = load_profile(str(_data("profile-llamacpp-smollm2-135m.json")), "device")
+    devices, records = [], []
+    t0 = min(r.due for r in reqs)
+    for r in reqs:
+        j = int(r.target.rsplit("-", 1)[1])  # the placeholder's index: agent first, then fleet
+        is_agent = agent and j == 0
+        devices.append(real if is_agent else profiles[(j - (1 if agent else 0)) % len(profiles)])
+        # The prompt length as that device counts it (and tells the server): the real agent
+        # tokenizes (the schedule's count uses the same vocabulary), emulated phones estimate.
+        plen = r.prompt_tokens if is_agent else max(1, estimate_tokens(r.prompt))
+        records.append(TraceRecord(r.due - t0, plen, r.max_tokens))
+    regime = Regime(args.regime)
+    rtt = 0.05  # the fleet's network default (NetworkConfig.rtt_ms)
+    settings = CausalSettings(replicas=args.replicas, rtt_s=rtt, seed=args.seed,
+                              migration=MigrationConfig(rtt_s=rtt))  # fmt: skip
+    rows = []
+    for label in policies:
+        name, mig = split_policy(label)
+        cfg = PolicyConfig(regime=regime, budget=args.budget, migration=mig, window=SCHED_WINDOW,
+                           recompute_every=SCHED_RECOMPUTE, seed=args.seed)  # fmt: skip
+        pol = make_policy(name, cfg, preset_profile(preset), profiles[0])
+        res = run_causal(pol, records, preset, profiles[0], settings, regime, devices=devices)
+        row = {"policy": label, "migration": mig}
+        row.update({k: res.summary.get(k) for k in SIM_KEYS if k not in row})
+        rows.append(row)
+    return rows
+
+
+def sim_vs_live_md(rows, sim_rows, args, preset, engine, n) -> str:
+    from disco.loadgen.report import table
+
+    live = {r["policy"]: r for r in rows}
+    lines = [
+        "# Simulator prediction vs live measurement",
+        "",
+        f"The causal simulator (scheduler/causal_sim.py) on the same schedule ({n} requests), "
+        f"preset ({preset.name}), replicas ({args.replicas}), devices and seed; the policies "
+        f"learn from outcomes as they complete. Goal: mean and P99 TTFT within 15 %, budget used "
+        "within 0.03.",
+        "",
+    ]
+    if not sim_rows:
+        return "\n".join([*lines, f"No preset describes the {engine} engine: nothing simulated."])
+    out = []
+    for s in sim_rows:
+        lv = live.get(s["policy"], {})
+        r = {"policy": s["policy"]}
+        for k in ("ttft_mean", "ttft_p99"):
+            a, b = lv.get(k), s.get(k)
+            r[f"live {k} s"] = None if a is None else round(a, 3)
+            r[f"sim {k} s"] = None if b is None else round(b, 3)
+            r[f"{k} err %"] = None if not a or b is None else round(100 * (b - a) / a, 1)
+        for side, v in (("live", lv.get("budget_used")), ("sim", s.get("budget_used"))):
+            r[f"{side} budget"] = None if v is None else round(v, 3)
+        r["live migr."], r["sim migr."] = lv.get("migrations"), s.get("migrations")
+        out.append(r)
+    lines.append(table(out, list(out[0]), markdown=True))
+    return "\n".join(lines) + "\n"
+
+
+def _data(name: str) -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("disco.scheduler.data") / name))
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("disco-testbed", "ray", "locust", "llama_cpp_python", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 def _machine() -> str:
@@ -377,50 +599,6 @@ def _machine() -> str:
     import platform
 
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
-def _sim_vs_live(rows, runs, reqs, policies, args) -> tuple[list[dict[str, Any]], str]:
-    from disco.cluster.config import SchedulerConfig
-    from disco.loadgen import compare
-    from disco.loadgen.report import table
-    from disco.scheduler.profiles import load_profile
-    from disco.scheduler.types import Regime
-
-    sc = SchedulerConfig()
-    server, device = (
-        load_profile(sc.server_profile, "server"),
-        load_profile(sc.device_profile, "device"),
-    )
-    regime = Regime(args.regime)
-    est = {"seed": args.seed, "window": SCHED_WINDOW, "recompute_every": SCHED_RECOMPUTE}
-    predicted = {"configured": compare.simulate(reqs, server, device, regime=regime,
-                                                budget=args.budget, policies=policies, **est)}  # fmt: skip
-    if "server-only" in runs and "device-only" in runs:
-        cs = compare.calibrate_server(server, runs["server-only"])
-        cd = compare.calibrate_device(device, runs["device-only"])
-        predicted["calibrated"] = compare.simulate(reqs, cs, cd, regime=regime, budget=args.budget,
-                                                   policies=policies, **est)  # fmt: skip
-    sbs = compare.side_by_side(rows, predicted)
-    cols = ["policy", "source", *compare.COMPARED]
-    text = [
-        "# Simulator prediction vs live measurement",
-        "",
-        f"Same requests (the demo's schedule: {len(reqs)} requests), policies and budget "
-        f"({args.budget:g}, {args.regime}-constrained). `sim (configured)`: the profiles the "
-        f"scheduler planned with ({sc.server_profile}, {sc.device_profile}); `sim (calibrated)`: "
-        "server TTFTs/gaps from the live server-only run, device TTFT line and decode speed "
-        "from the live device-only run (when both ran).",
-        "",
-        table(sbs, cols, markdown=True),
-        "",
-        "Why they differ:",
-        "",
-        *[f"- {e}" for e in compare.EXPLANATIONS],
-        "",
-    ]
-    print(table(sbs, cols))
-    print()
-    return sbs, "\n".join(text)
 
 
 def say(msg: str) -> None:

@@ -8,6 +8,9 @@ provenance (date, machine, engine, model, raw samples), in the JSON format that
 Prompts are real English text (``disco.loadgen.prompts``), cut to each length with the engine's
 own tokenizer, and every measurement uses a different prompt so no run hits a prefix cache
 warmed by an earlier one.
+
+``--fit-batching --target URL`` is a separate mode (``profile_batching``): it fits a
+continuous-batching server preset to a live OpenAI-compatible server instead of an engine profile.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from disco.cluster.commands import profile_batching
 from disco.cluster.errors import CliError
 
 
@@ -33,13 +37,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="measure an engine's TTFT vs prompt length and decode speed; write a profile JSON",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
-    p.add_argument("--endpoint", required=True, help="engine name (llamacpp, vllm, openai, ...)")
+    p.add_argument(
+        "--endpoint",
+        help="engine name (llamacpp, vllm, openai, ...); or --fit-batching --target URL",
+    )
     p.add_argument(
         "--model",
         help="llamacpp: GGUF path or bundled name (default gemma3-270m); vllm: model dir; "
         "openai: model name; emulated: profile name or JSON",
     )
-    p.add_argument("--prompt-lens", default="32,128,512", help="comma-separated prompt lengths")
+    p.add_argument(
+        "--prompt-lens",
+        help="comma-separated prompt lengths (default 32,128,512; --fit-batching 32,128,512,1024)",
+    )
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per measurement")
     p.add_argument("--repeats", type=int, default=3, help="measurements per prompt length")
     p.add_argument("--warmup", type=int, default=1, help="unrecorded runs first")
@@ -61,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="device profile from the median run per prompt length, or the fastest one "
         "(for a shared machine: interference only ever adds time)",
     )
+    profile_batching.add_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -255,7 +266,15 @@ def run(args: argparse.Namespace) -> int:
     from disco.scheduler.endpoint import ENDPOINTS
     from disco.scheduler.profiles import save_profile
 
-    lens = parse_lens(args.prompt_lens)
+    if args.fit_batching:  # fits a server preset from a live server: its own module
+        return profile_batching.run(args)
+    given = [k for k in profile_batching.FIT_DEFAULTS if getattr(args, k) is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise CliError(f"{flag} belongs to --fit-batching")
+    if not args.endpoint:
+        raise CliError("--endpoint is required (or --fit-batching --target URL)")
+    lens = parse_lens(args.prompt_lens or "32,128,512")
     if args.max_tokens <= 0 or args.repeats <= 0 or args.warmup < 0:
         raise CliError("--max-tokens and --repeats must be > 0, --warmup >= 0")
     factory = ENDPOINTS.get(args.endpoint)  # UnknownNameError lists the known engines

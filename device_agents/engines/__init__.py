@@ -4,7 +4,9 @@ Importing this package registers the device-side engines in
 :data:`disco.scheduler.endpoint.ENDPOINTS`:
 
 - ``llamacpp``: llama.cpp through llama-cpp-python on a local GGUF (device or server kind);
-- ``emulated``: replays a device or server latency profile with real sleeps;
+- ``emulated``: replays a device or server latency profile with real sleeps; given a server
+  preset (``preset=NAME``, or a ``profile`` that names one) it emulates a continuous-batching
+  replica instead (:class:`~disco.device_agents.engines.batching.BatchingEndpoint`);
 - ``openai``: any OpenAI-compatible ``/v1/completions`` SSE server (Ray Serve, ``vllm serve``,
   a commercial API).
 
@@ -27,6 +29,21 @@ def _llamacpp(**config: Any) -> Endpoint:
 
 
 def _emulated(**config: Any) -> Endpoint:
+    from disco.scheduler.batching import ServerPreset
+    from disco.scheduler.presets import is_preset
+
+    preset = config.pop("preset", None)
+    profile = config.get("profile")
+    if preset is None and (
+        isinstance(profile, ServerPreset) or (isinstance(profile, str) and is_preset(profile))
+    ):
+        preset = config.pop("profile")
+    if preset is not None:
+        if "profile" in config:
+            raise ValueError("emulated: give either a server preset or a profile, not both")
+        from .batching import BatchingEndpoint
+
+        return BatchingEndpoint(preset, **config)
     from .emulated import EmulatedEndpoint
 
     return EmulatedEndpoint(**config)

