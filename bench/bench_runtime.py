@@ -11,7 +11,9 @@ decisions one scheduler actor makes, and what Serve-LLM-style stream batching do
     chunk at the client; TBT is every gap between content chunks.
 (2) Scheduler throughput: decisions/s of one SchedulerActor running the ``disco`` policy, with
     many concurrent callers, one Ray call per decision vs the micro-batching ActorPlanner, from
-    this process and from caller actors.
+    this process and from caller actors. Then plan latency (P50, P99) while another actor streams
+    reports in, with checkpointing off and on (GCS, every 50 ms: the snapshot is taken on the
+    actor's event loop, the write runs on a thread).
 (3) Stream batching: TTFT straight from Serve with ``stream_batching_interval_ms`` 0 (ours) vs
     20 and 50 (Ray Serve LLM's default).
 
@@ -48,7 +50,7 @@ from disco.cluster.runtime import Testbed, deploy_server, server_url
 from disco.cluster.scheduler_actor import start_scheduler
 from disco.device_agents.engines.emulated import EmulatedEndpoint
 from disco.scheduler.endpoint import GenerationRequest
-from disco.scheduler.types import Request
+from disco.scheduler.types import EndpointKind, Request, RequestOutcome
 
 RESULTS = Path(__file__).parent / "results" / "runtime.md"
 PROMPT = "Explain how a device and a server can share the work of answering one question."
@@ -211,12 +213,57 @@ class CallerActor:
 
     async def latency(self, n: int) -> float:
         """Median ms of one plan() when nothing else is going on."""
+        return median_ms(await self.latencies(n, "lat"))
+
+    async def latencies(self, n: int, tag: str) -> list[float]:
+        """Seconds per sequential plan(), the first 10 (warm-up) left out."""
         xs = []
         for i in range(n):
             t0 = time.perf_counter()
-            await self.planner.plan(Request(f"lat-{i}", 0.0, 100))
+            await self.planner.plan(Request(f"{tag}-{i}", 0.0, 100))
             xs.append(time.perf_counter() - t0)
-        return median_ms(xs[10:])
+        return xs[10:]
+
+    async def report(self, n: int, start: int = 0) -> None:
+        """``n`` outcomes, reported the way agents do (concurrently, micro-batched)."""
+        await asyncio.gather(*(self.planner.report(_outcome(start + i)) for i in range(n)))
+
+    async def report_for(self, seconds: float, per_batch: int) -> int:
+        """Reports ``per_batch`` outcomes at a time until ``seconds`` have passed."""
+        stop, i = time.perf_counter() + seconds, 0
+        while time.perf_counter() < stop:
+            await self.report(per_batch, i)
+            i += per_batch
+        return i
+
+
+def _outcome(i: int) -> RequestOutcome:
+    n = 50 + (i * 37) % 900
+    return RequestOutcome(f"o{i}", 0.0, n, token_times=[0.3 + (i % 7) * 0.05],
+                          server_prompt_tokens=n, server_output_tokens=20,
+                          first_token_from=EndpointKind.SERVER, server_started=True)  # fmt: skip
+
+
+async def measure_checkpointing(seconds: float) -> list[dict]:
+    """Plan latency while reports stream in, checkpointing off vs on (GCS every 50 ms)."""
+    rows = []
+    for store in ("none", "gcs"):
+        cfg = SchedulerConfig(policy="disco", actor_name=f"bench-ckpt-{store}", checkpoint=store,
+                              checkpoint_interval_s=0.05)  # fmt: skip
+        actor = start_scheduler(cfg)
+        planner, reporter = CallerActor.remote(actor), CallerActor.remote(actor)
+        await reporter.report.remote(3000)  # fill the policy's 2,000-request window
+        reports = reporter.report_for.remote(seconds, 20)
+        xs = await planner.latencies.remote(int(seconds * 500), f"ck-{store}")
+        sent = await reports
+        stats = await actor.stats.remote()
+        rows.append({"checkpoint": store, "p50_ms": median_ms(xs), "p99_ms": p99_ms(xs),
+                     "plans": len(xs), "reports_per_s": sent / seconds,
+                     "checkpoints": stats.get("checkpoints", 0),
+                     "write_ms": stats.get("checkpoint_write_ms", 0.0)})  # fmt: skip
+        for a in (planner, reporter, actor):
+            ray.kill(a)
+    return rows
 
 
 async def measure_scheduler(seconds: float) -> list[dict]:
@@ -263,7 +310,9 @@ async def measure_scheduler(seconds: float) -> list[dict]:
 # ---- report --------------------------------------------------------------------------------------
 
 
-def render(lat: dict, sched: list[dict], batching: dict, args: argparse.Namespace) -> str:
+def render(
+    lat: dict, sched: list[dict], ckpt: list[dict], batching: dict, args: argparse.Namespace
+) -> str:
     lines = [
         "# Runtime benchmark (bench/bench_runtime.py)",
         "",
@@ -313,6 +362,21 @@ def render(lat: dict, sched: list[dict], batching: dict, args: argparse.Namespac
     ]
     lines += [
         "",
+        "Plan latency (one caller actor, sequential `ActorPlanner.plan`) while another actor "
+        "reports outcomes, 20 at a time, as fast as the actor takes them:",
+        "",
+        "| checkpoint | plan p50 (ms) | plan p99 (ms) | plans | reports/s | checkpoints written "
+        "| last write (ms, on its thread) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['checkpoint']}{' (every 50 ms)' if r['checkpoint'] != 'none' else ''} | "
+        f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['plans']} | {r['reports_per_s']:,.0f} | "
+        f"{r['checkpoints']} | {r['write_ms']:.2f} |"
+        for r in ckpt
+    ]
+    lines += [
+        "",
         f"## (3) Serve stream batching vs TTFT ({args.requests // 2} sequential requests per row, "
         "HTTP straight from Serve)",
         "",
@@ -343,8 +407,14 @@ def render(lat: dict, sched: list[dict], batching: dict, args: argparse.Namespac
         "- Decisions/s: one Ray call per decision is bounded by the call's round trip; the "
         "ActorPlanner gathers the calls made in one event-loop tick into one `plan_wire` call, so "
         "one actor keeps up with thousands of concurrent streams (target >= 5,000/s).",
+        "- Checkpointing (the scheduler's state to GCS every 50 ms while reports arrive): the "
+        "snapshot (a pickle of the policy, ~0.1 ms for DiSCo's 2,000-request window) is taken on "
+        "the actor's event loop and the GCS write runs on a thread, so plan latency with it on "
+        "stays within run-to-run noise of it off (P50 and P99 in (2)). Writing on the loop, as "
+        "before, added each write (~1 ms to a local GCS, a round trip to a remote one) to every "
+        "plan that came in meanwhile.",
         "- Stream batching: Serve-LLM-style coalescing waits one interval before its first drain, "
-        "so it adds about the whole interval to every TTFT (~+17 ms at 20 ms, ~+50 ms at 50 ms "
+        "so it adds about the whole interval to every TTFT (~+17-20 ms at 20 ms, ~+50 ms at 50 ms "
         "vs 0); TBT p50 drops to ~0 because tokens then arrive in bursts. Our deployment "
         "defaults to 0.",
     ]
@@ -383,7 +453,9 @@ def main() -> int:
             print(json.dumps(batching, indent=1))
             sched = asyncio.run(measure_scheduler(args.seconds))
             print(json.dumps(sched, indent=1))
-    text = render(lat, sched, batching, args)
+            ckpt = asyncio.run(measure_checkpointing(args.seconds))
+            print(json.dumps(ckpt, indent=1))
+    text = render(lat, sched, ckpt, batching, args)
     print(text)
     if args.write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from disco.cluster.errors import CliError
+from disco.cluster.resolve import OfflinePolicyError
 from disco.scheduler.endpoint import InvalidRequestError
 from disco.scheduler.registry import UnknownNameError
 
@@ -34,25 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMANDS.values():
-        try:
-            module = importlib.import_module(f"disco.cluster.commands.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"disco.cluster.commands.{mod}":
-                raise
-            continue  # not built yet
-        module.register(sub)
+        # No try: a subcommand that fails to import is a broken install, and skipping it would
+        # only turn that into a confusing "invalid choice" later.
+        importlib.import_module(f"disco.cluster.commands.{mod}").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in result files
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
     try:
         return int(args.run(args) or 0)
-    except (CliError, UnknownNameError, InvalidRequestError) as e:
+    except (CliError, UnknownNameError, InvalidRequestError, OfflinePolicyError) as e:
         print(f"disco {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -65,6 +65,34 @@ def build_policy(
     return policy_factory(name)(config, server, device)
 
 
+class OfflinePolicyError(ValueError):
+    """A simulation-only policy was asked to plan live requests (one line, for the CLI)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"policy {name!r} needs each request's server TTFT in advance, which live requests "
+            "never carry (it is the simulator's lower bound): use it with `disco sim` only"
+        )
+
+
+def check_live_policy(name: str) -> None:
+    """Refuse a policy that only a simulation can run: one that ``wants_hints`` (the oracle)
+    would plan every live request without its hint, i.e. silently on the unconstrained side."""
+    if getattr(policy_factory(name), "wants_hints", False):
+        raise OfflinePolicyError(name)
+
+
+def build_live_policy(
+    name: str, config: PolicyConfig, server: ServerProfile, device: DeviceProfile
+) -> Policy:
+    """:func:`build_policy` for live runs (scheduler actor, agent): refuses offline policies."""
+    check_live_policy(name)
+    policy = build_policy(name, config, server, device)
+    if getattr(policy, "wants_hints", False):  # a ``module:factory`` that builds one
+        raise OfflinePolicyError(name)
+    return policy
+
+
 def policy_names() -> list[str]:
     _import_packages(POLICY_PACKAGES)
     return POLICIES.names()

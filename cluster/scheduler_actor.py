@@ -8,12 +8,13 @@
 - Restarts: the actor is created with ``max_restarts``; its state (the pickled policy, the
   ledger and the current config, as changed by ``reconfigure``) is checkpointed to Ray's GCS
   store (or a file) at most every ``checkpoint_interval_s`` after a report (0: on every report),
-  and ``__init__`` restores it, so a restarted actor keeps its budget accounting and config. Callers' in-flight calls are retried (``max_task_retries=-1``).
+  and ``__init__`` restores it, so a restarted actor keeps its budget accounting and config.
+  Callers' in-flight calls are retried (``max_task_retries=-1``). The write runs off the event
+  loop that answers plans (:class:`~disco.cluster.scheduler_state.Checkpointer`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Sequence
@@ -23,8 +24,8 @@ import ray
 
 from disco.cluster import wire
 from disco.cluster.config import SchedulerConfig, from_dict, to_dict
-from disco.cluster.resolve import build_policy
-from disco.cluster.scheduler_state import SchedulerCore, make_store
+from disco.cluster.resolve import build_live_policy, check_live_policy
+from disco.cluster.scheduler_state import Checkpointer, SchedulerCore, make_store
 from disco.scheduler.policies.base import Policy, PolicyConfig
 from disco.scheduler.profiles import DeviceProfile, ServerProfile, load_profile
 from disco.scheduler.types import Plan, Regime, Request, RequestOutcome
@@ -42,7 +43,7 @@ def policy_from_config(cfg: SchedulerConfig) -> Policy:
         recompute_every=cfg.recompute_every,
         seed=cfg.seed,
     )
-    return build_policy(cfg.policy, pcfg, server, device)
+    return build_live_policy(cfg.policy, pcfg, server, device)
 
 
 class SchedulerActor:
@@ -63,8 +64,11 @@ class SchedulerActor:
                 self.cfg = from_dict(SchedulerConfig, saved, "scheduler")
                 self.core.regime = Regime(self.cfg.regime)
             self.core.restore(blob, lambda: policy_from_config(self.cfg))
-        self._flush_scheduled = False
-        self._dirty = False
+        self.checkpointer = Checkpointer(
+            self.store,
+            lambda: self.core.snapshot(to_dict(self.cfg)),
+            self.cfg.checkpoint_interval_s,
+        )
 
     async def ping(self) -> int:
         """The actor's process id (changes when Ray restarts it)."""
@@ -87,17 +91,11 @@ class SchedulerActor:
 
     async def report_many(self, outcomes: Sequence[RequestOutcome]) -> None:
         self.core.observe_many(outcomes)
-        self._dirty = True
-        if self.cfg.checkpoint_interval_s <= 0:
-            self._flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_later(self.cfg.checkpoint_interval_s, self._flush)
+        self.checkpointer.touch()
 
     async def checkpoint(self) -> None:
-        """Write the state now (tests, shutdown)."""
-        self._dirty = True
-        self._flush()
+        """Write the state now and wait until it is written (tests, shutdown)."""
+        await self.checkpointer.flush()
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """Switch policy or budget live; the ledger (the budget spent so far) carries over."""
@@ -105,17 +103,16 @@ class SchedulerActor:
         self.core.policy = policy_from_config(cfg)
         self.core.regime = Regime(cfg.regime)
         self.cfg = cfg
+        self.checkpointer.interval_s = cfg.checkpoint_interval_s
         await self.checkpoint()
 
     async def stats(self) -> dict[str, Any]:
         node = ray.get_runtime_context().get_node_id()
-        return self.core.stats() | {"node_id": node, "config": to_dict(self.cfg)}
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._dirty:
-            self._dirty = False
-            self.store.save(self.core.snapshot(to_dict(self.cfg)))
+        return (
+            self.core.stats()
+            | self.checkpointer.stats()
+            | {"node_id": node, "config": to_dict(self.cfg)}
+        )
 
 
 def start_scheduler(
@@ -125,8 +122,10 @@ def start_scheduler(
 
     ``fresh`` drops a checkpoint left by an earlier testbed of the same name, so a new run does
     not inherit an old budget; ``detached`` keeps the actor after the driver exits
-    (``disco serve``).
+    (``disco serve``). Raises :class:`~disco.cluster.resolve.OfflinePolicyError` here, in the
+    caller, for a policy that cannot plan live (rather than an actor that fails to start).
     """
+    check_live_policy(cfg.policy)
     if fresh:
         make_store(cfg.checkpoint, cfg.actor_name).clear()
     opts: dict[str, Any] = {

@@ -8,16 +8,21 @@
   A snapshot is the pickled policy and ledger, plus the owner's current config; a policy that
   cannot be pickled is rebuilt by replaying the most recent outcomes (its sliding window) into a
   fresh one.
+- :class:`Checkpointer`: writes snapshots without holding up the event loop that answers plans.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import pickle
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -233,3 +238,103 @@ def make_store(spec: str, key: str) -> CheckpointStore:
     if spec in ("", "none"):
         return NullStore()
     return FileStore(spec)
+
+
+# ---- checkpointing off the event loop ---------------------------------------------------------
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Saves snapshots at most every ``interval_s`` after a change, without blocking plan calls.
+
+    The snapshot itself is taken on the event loop: plan calls change the policy between awaits,
+    so only there is one state consistent, and pickling is that copy (about 0.1 ms for DiSCo with
+    a 2,000-request window here; bench/bench_runtime.py). The write, a GCS round trip or a file
+    write and the slow part, runs on one worker thread: writes stay in order, and while one is in
+    flight further changes are coalesced into one snapshot taken when it ends (the newest state,
+    never a queue of stale ones). ``interval_s`` 0: a write after every change, coalesced so.
+    """
+
+    def __init__(
+        self, store: CheckpointStore, snapshot: Callable[[], bytes], interval_s: float
+    ) -> None:
+        self.store = store
+        self.snapshot = snapshot
+        self.interval_s = interval_s
+        self.writes = 0
+        self.errors = 0
+        self.last_write_s = 0.0  # how long the latest write took on its thread
+        self._dirty = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._writing: asyncio.Future | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def touch(self) -> None:
+        """The state changed: save it within ``interval_s``."""
+        if isinstance(self.store, NullStore):
+            return  # nowhere to keep it: not even the snapshot is taken
+        self._dirty = True
+        if self._writing is not None or self._timer is not None:
+            return  # the write in flight, or the timer, picks the change up
+        if self.interval_s <= 0:
+            self._start()
+        else:
+            self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._start)
+
+    async def flush(self) -> None:
+        """Save the current state now and wait until it is written (tests, reconfigure)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._writing is not None:  # let the write in flight finish: writes stay ordered
+            await asyncio.shield(self._writing)
+        self._dirty = True
+        self._start()
+        if self._writing is not None:
+            await asyncio.shield(self._writing)
+
+    def stats(self) -> dict[str, Any]:
+        return {"checkpoints": self.writes, "checkpoint_errors": self.errors,
+                "checkpoint_write_ms": 1000 * self.last_write_s}  # fmt: skip
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _start(self) -> None:
+        if self._timer is not None:  # called early (flush): the timer has nothing left to do
+            self._timer.cancel()
+            self._timer = None
+        if not self._dirty or self._writing is not None:
+            return
+        self._dirty = False
+        blob = self.snapshot()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        loop = asyncio.get_running_loop()
+        self._writing = loop.run_in_executor(self._pool, self._save, blob)
+        self._writing.add_done_callback(self._written)
+
+    def _save(self, blob: bytes) -> None:
+        t0 = time.perf_counter()
+        self.store.save(blob)
+        self.last_write_s = time.perf_counter() - t0
+
+    def _written(self, fut: asyncio.Future) -> None:
+        self._writing = None
+        if fut.cancelled():
+            return
+        err = fut.exception()
+        if err is not None:
+            self.errors += 1
+            self._dirty = True  # retried at the next change, or the next interval below
+            log.warning("scheduler checkpoint failed: %r", err)
+        else:
+            self.writes += 1
+        if self._dirty:
+            self.touch()

@@ -1,9 +1,10 @@
 """The Ray Serve application: server replicas hosting one engine each behind an OpenAI-style API.
 
 Routes (all JSON errors are OpenAI-shaped, 4xx for bad input, never a 500 for a client mistake):
-- ``POST /v1/completions``: ``stream: true`` answers Server-Sent Events, one chunk per token,
-  written as soon as the engine yields it; ``prefix`` resumes a generation (see
-  :mod:`disco.cluster.openai_wire`). A client that disconnects cancels the engine's work.
+- ``POST /v1/completions`` and ``POST /v1/chat/completions``: ``stream: true`` answers
+  Server-Sent Events, one chunk per token, written as soon as the engine yields it; ``prefix``
+  resumes a generation. The wire format is :mod:`disco.scheduler.wire`'s, shared with the device
+  agent. A client that disconnects cancels the engine's work.
 - ``GET /v1/models``, ``GET /health``.
 The deployment also answers ``generate(body)`` over a Ray handle (``stream=True``), yielding the
 same chunk dicts, for callers inside the cluster that skip HTTP.
@@ -16,7 +17,6 @@ coalescing only so that its cost can be measured (bench/bench_runtime.py).
 """
 
 import contextlib
-import hmac
 import itertools
 import os
 import time
@@ -30,21 +30,28 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from disco.cluster.config import ServerConfig, from_dict, to_dict
-from disco.cluster.openai_wire import (
-    SSE_DONE,
-    ApiError,
-    CompletionBody,
-    chunk,
-    completion,
-    parse_completion,
-    parse_json,
-    sse,
-    usage_chunk,
-)
 from disco.cluster.resolve import build_engine
 from disco.cluster.stream_batching import coalesce, prepend
 from disco.scheduler.endpoint import EndpointFailedError, InvalidRequestError
 from disco.scheduler.types import TokenEvent
+from disco.scheduler.wire import (
+    SSE_DONE,
+    SSE_HEADERS,
+    SSE_MEDIA_TYPE,
+    ApiError,
+    ApiRequest,
+    ResponseHead,
+    Usage,
+    check_api_key,
+    chunk,
+    completion,
+    engine_failed,
+    parse_json,
+    parse_request,
+    read_body,
+    sse,
+    usage_chunk,
+)
 
 DEPLOYMENT_NAME = "DiscoServer"
 API_KEY_ENV = "DISCO_SERVER_API_KEY"
@@ -72,11 +79,7 @@ class DiscoServer:
     # ---- HTTP ---------------------------------------------------------------------------------
 
     def _check_key(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        got = request.headers.get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {self.api_key}".encode()):
-            raise ApiError(401, "missing or wrong API key", "invalid_api_key")
+        check_api_key(request.headers.get("authorization"), self.api_key)
 
     @api.get("/health")
     async def health(self) -> dict[str, Any]:
@@ -97,9 +100,18 @@ class DiscoServer:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
+        return await self._answer(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        return await self._answer(request, chat=True)
+
+    async def _answer(self, request: Request, chat: bool) -> Any:
         self._check_key(request)
-        data = parse_json(await self._read_body(request), self.cfg.max_body_bytes)
-        body = self._parse(data)
+        raw = await read_body(
+            request.stream(), request.headers.get("content-length"), self.cfg.max_body_bytes
+        )
+        body = self._parse(parse_json(raw), chat)
         events = self._events(body)
         try:
             # Pull the first token before answering, so that an engine's own validation
@@ -112,15 +124,13 @@ class DiscoServer:
             try:
                 rest = [ev async for ev in events]
             except EndpointFailedError as e:
-                raise ApiError(503, str(e), "engine_failed") from None
+                raise engine_failed(str(e)) from None
             finally:
                 await events.aclose()
             out = ([first] if first else []) + rest
-            return completion(body.request.request_id, body.model, body, out)
+            return completion(self._head(body), out, self._usage(body, len(out)))
         return StreamingResponse(
-            self._sse(body, first, events),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            self._sse(body, first, events), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS
         )
 
     # ---- Ray handle ---------------------------------------------------------------------------
@@ -134,26 +144,25 @@ class DiscoServer:
             body = self._parse(data)
             events = self._events(body)
         except ApiError as e:
-            yield e.body() | {"status": e.status}
+            yield e.event()
             return
         try:
             first = await self._first(events)
         except ApiError as e:
             await events.aclose()
-            yield e.body() | {"status": e.status}
+            yield e.event()
             return
         except BaseException:
             await events.aclose()
             raise
-        created = int(time.time())
-        rid = body.request.request_id
+        head = self._head(body)
         try:
             if first is not None:
-                yield chunk(rid, body.model, first, created)
+                yield chunk(head, [first], first=True)
             async for ev in events:
-                yield chunk(rid, body.model, ev, created)
+                yield chunk(head, [ev])
         except EndpointFailedError as e:
-            yield ApiError(503, str(e), "engine_failed").body() | {"status": 503}
+            yield engine_failed(str(e)).event()
         finally:
             await events.aclose()
 
@@ -178,29 +187,24 @@ class DiscoServer:
 
     # ---- internals ----------------------------------------------------------------------------
 
-    async def _read_body(self, request: Request) -> bytes:
-        """The body, refused with a 413 as soon as it passes the cap (with or without a
-        Content-Length header: a chunked upload is counted while it is read)."""
-        limit = self.cfg.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.strip().isdigit():
-                raise ApiError(400, "bad Content-Length header")
-            if int(declared) > limit:
-                raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}")
-        chunks, size = [], 0
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                raise ApiError(413, f"request body is over the limit of {limit} bytes")
-            chunks.append(part)
-        return b"".join(chunks)
+    def _parse(self, data: dict[str, Any], chat: bool = False) -> ApiRequest:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{self.replica_id}-{next(self._ids)}"
+        return parse_request(
+            data,
+            chat=chat,
+            models=(self.cfg.model_name,),
+            max_tokens_limit=self.cfg.max_tokens_limit,
+            request_id=rid,
+        )
 
-    def _parse(self, data: dict[str, Any]) -> CompletionBody:
-        rid = f"cmpl-{self.replica_id}-{next(self._ids)}"
-        return parse_completion(data, self.cfg.model_name, self.cfg.max_tokens_limit, rid)
+    @staticmethod
+    def _head(body: ApiRequest) -> ResponseHead:
+        return ResponseHead(body.request.request_id, body.model, int(time.time()), body.chat)
 
-    def _events(self, body: CompletionBody) -> AsyncIterator[TokenEvent]:
+    def _usage(self, body: ApiRequest, completion_tokens: int) -> Usage:
+        return Usage.counted(body.request, self.engine.count_tokens, completion_tokens)
+
+    def _events(self, body: ApiRequest) -> AsyncIterator[TokenEvent]:
         try:
             body.request.validate()
         except InvalidRequestError as e:
@@ -216,18 +220,18 @@ class DiscoServer:
         except InvalidRequestError as e:
             raise ApiError(400, str(e)) from None
         except EndpointFailedError as e:
-            raise ApiError(503, str(e), "engine_failed") from None
+            raise engine_failed(str(e)) from None
 
     async def _sse(
-        self, body: CompletionBody, first: TokenEvent | None, events: AsyncIterator[TokenEvent]
+        self, body: ApiRequest, first: TokenEvent | None, events: AsyncIterator[TokenEvent]
     ) -> AsyncIterator[str]:
-        rid, model, created = body.request.request_id, body.model, int(time.time())
+        head = self._head(body)
         sent = 0
 
         def fmt(ev: TokenEvent) -> str:
             nonlocal sent
             sent += 1
-            return sse(chunk(rid, model, ev, created))
+            return sse(chunk(head, [ev], first=sent == 1))
 
         try:
             if first is not None:
@@ -240,12 +244,12 @@ class DiscoServer:
                     async for text in coalesce(prepend(first, events), interval, fmt):
                         yield text
             if body.include_usage:
-                yield sse(usage_chunk(rid, model, created, body, sent))
+                yield sse(usage_chunk(head, self._usage(body, sent)))
             yield SSE_DONE
         except EndpointFailedError as e:
             # Headers are gone already: an error event and no [DONE] tells the client the
             # stream broke, so it can resume elsewhere from the tokens it has.
-            yield sse(ApiError(503, str(e), "engine_failed").body())
+            yield sse(engine_failed(str(e)).event())
         finally:
             await events.aclose()
 

@@ -2,22 +2,20 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (SSE with ``"stream": true``, JSON
 otherwise), GET /v1/models, GET /health, GET /metrics (Prometheus text).
+The wire format (body parsing, chunks, errors, the ``disco`` extension that tells which endpoint
+produced each token) is :mod:`disco.scheduler.wire`'s, the same as the Serve app's.
 Bad input is answered with a 4xx JSON error in OpenAI's shape, never a 500 or a hang: the body is
 read with a size cap, every field is checked before any work starts. The API binds 127.0.0.1 by
 default; any other address needs an API key, which is then checked on every request.
-Each SSE chunk carries a ``disco`` field (token index and which endpoint produced it) that the
-OpenAI client ignores and our load generator reads.
 """
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
-import json
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from disco.scheduler.endpoint import GenerationRequest, InvalidRequestError
+from disco.scheduler import wire
+from disco.scheduler.endpoint import InvalidRequestError
 from disco.scheduler.types import TokenEvent
 
 from .agent import DeviceAgent
@@ -51,22 +50,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def default_chat_template(messages: list[dict[str, str]]) -> str:
-    """A plain role-prefixed transcript; engines with a chat template may reformat it."""
-    lines = [f"{m['role']}: {m['content']}" for m in messages]
-    return "\n".join(lines) + "\nassistant:"
-
-
 @dataclass(frozen=True)
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
-    max_tokens_cap: int = 4096
-    default_max_tokens: int = 256
+    max_tokens_cap: int = 4096  # (the default max_tokens is the wire's DEFAULT_MAX_TOKENS)
     models: tuple[str, ...] = ("disco",)  # accepted model names; the first is the default
-    chat_template: Callable[[list[dict[str, str]]], str] = default_chat_template
+    chat_template: wire.ChatTemplate = wire.default_chat_template
 
     def __post_init__(self) -> None:
         if not is_loopback(self.host) and not self.api_key:
@@ -76,27 +68,12 @@ class HttpConfig:
             )
         if not self.models:
             raise ValueError("HttpConfig.models must name at least one model")
-        if self.max_tokens_cap <= 0 or not 0 < self.default_max_tokens <= self.max_tokens_cap:
-            raise ValueError("need 0 < default_max_tokens <= max_tokens_cap")
+        if self.max_tokens_cap <= 0:
+            raise ValueError("need max_tokens_cap > 0")
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.status}}  # fmt: skip
-        return JSONResponse(body, status_code=self.status)
-
-
-@dataclass(frozen=True, slots=True)
-class _Parsed:
-    gen: GenerationRequest
-    model: str
-    stream: bool
-    chat: bool
+def _response(err: wire.ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
 
 
 DEVICE_HEADER = "x-disco-device"
@@ -118,106 +95,56 @@ def create_app(
     only = next(iter(agents.values())) if len(agents) == 1 else None
     rejected = AgentMetrics()  # requests refused before reaching any device
 
-    def pick(request: Request, data: dict[str, Any]) -> DeviceAgent:
+    def pick(request: Request, user: str | None) -> DeviceAgent:
         if only is not None:
             return only
-        name = request.headers.get(DEVICE_HEADER) or data.get("user")
-        if not isinstance(name, str) or not name:
-            raise ApiError(
+        name = request.headers.get(DEVICE_HEADER) or user
+        if not name:
+            raise wire.ApiError(
                 400, "name a device: X-Disco-Device header or the user field", param="user"
             )
         if name not in agents:
-            raise ApiError(404, f"no device {name!r} here", "not_found_error", "user")
-        return agents[name]
-
-    async def body_json(request: Request) -> dict[str, Any]:
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                raise ApiError(400, "bad Content-Length header")
-            if int(declared) > cfg.max_body_bytes:
-                raise ApiError(413, f"request body over {cfg.max_body_bytes} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cfg.max_body_bytes:
-                raise ApiError(413, f"request body over {cfg.max_body_bytes} bytes")
-            chunks.append(chunk)
-        try:
-            data = json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "request body is not valid JSON") from None
-        except RecursionError:
-            raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        return data
-
-    def parse(data: dict[str, Any], chat: bool) -> _Parsed:
-        model = data.get("model", cfg.models[0])
-        if not isinstance(model, str) or model not in cfg.models:
-            raise ApiError(404, f"unknown model {model!r} (served: {', '.join(cfg.models)})",
-                           "model_not_found", "model")  # fmt: skip
-        if chat:
-            prompt = cfg.chat_template(_messages(data.get("messages")))
-            mt = data.get("max_completion_tokens", data.get("max_tokens"))
-        else:
-            prompt = _prompt(data.get("prompt"))
-            mt = data.get("max_tokens")
-        max_tokens = cfg.default_max_tokens if mt is None else mt
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
-            raise ApiError(400, "max_tokens must be an integer", param="max_tokens")
-        if not 0 < max_tokens <= cfg.max_tokens_cap:
-            raise ApiError(
-                400, f"max_tokens must be in 1..{cfg.max_tokens_cap}", param="max_tokens"
+            raise wire.ApiError(
+                404, f"no device {name!r} here", code="device_not_found", param="user"
             )
-        if data.get("n", 1) != 1:
-            raise ApiError(400, "only n=1 is supported", param="n")
-        stream = data.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, "stream must be a boolean", param="stream")
-        # Types here; the ranges are GenerationRequest.validate's (below), shared with the server.
-        temperature = _number(data, "temperature", 0.0)
-        top_p = _number(data, "top_p", 1.0)
-        seed = data.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ApiError(400, "seed must be an integer", param="seed")
-        gen = GenerationRequest(prompt, max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        try:
-            gen.validate()
-        except InvalidRequestError as e:
-            raise ApiError(400, str(e)) from None
-        return _Parsed(gen, model, stream, chat)
+        return agents[name]
 
     async def generate(request: Request, chat: bool) -> Response:
         try:
-            data = await body_json(request)
-            p = parse(data, chat)
-            agent = pick(request, data)
-            ex = await agent.start(p.gen)
-        except ApiError as e:
+            raw = await wire.read_body(
+                request.stream(), request.headers.get("content-length"), cfg.max_body_bytes
+            )
+            p = wire.parse_request(
+                wire.parse_json(raw),
+                chat=chat,
+                models=cfg.models,
+                max_tokens_limit=cfg.max_tokens_cap,
+                chat_template=cfg.chat_template,
+            )
+            agent = pick(request, p.user)
+            ex = await agent.start(p.request)
+        except wire.ApiError as e:
             rejected.rejected += 1
-            return e.response()
+            return _response(e)
         except InvalidRequestError as e:
             rejected.rejected += 1
-            return ApiError(400, str(e)).response()
+            return _response(wire.ApiError(400, str(e)))
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{ex.request_id}"
+        head = wire.ResponseHead(rid, p.model, int(time.time()), chat)
         try:
             first = await ex.__anext__()  # fail before the headers if nothing can be served
         except (StreamFailedError, StopAsyncIteration) as e:
             await ex.aclose()
-            return ApiError(
-                503, f"no endpoint could serve the request: {e}", "server_error"
-            ).response()
+            return _response(wire.engine_failed(f"no endpoint could serve the request: {e}"))
         except BaseException:
             await ex.aclose()
             raise
         if p.stream:
+            stream = _sse(ex, first, head, p)
             return StreamingResponse(
-                _sse(ex, first, rid, p), media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )  # fmt: skip
-        return await _whole(ex, first, rid, p)
+                stream, media_type=wire.SSE_MEDIA_TYPE, headers=wire.SSE_HEADERS
+            )
+        return await _whole(ex, first, head)
 
     async def completions(request: Request) -> Response:
         return await generate(request, chat=False)
@@ -261,9 +188,7 @@ def create_app(
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405 in the same JSON shape as every other error."""
     status = getattr(exc, "status_code", 400)
-    return ApiError(
-        status, str(getattr(exc, "detail", "") or exc), "invalid_request_error"
-    ).response()
+    return _response(wire.ApiError(status, str(getattr(exc, "detail", "") or exc)))
 
 
 class _ApiKeyMiddleware:
@@ -271,14 +196,15 @@ class _ApiKeyMiddleware:
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.key = api_key
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            got = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(got, self.expected):
-                err = ApiError(401, "missing or wrong API key", "authentication_error")
-                await err.response()(scope, receive, send)
+            try:
+                header = dict(scope.get("headers") or []).get(b"authorization")
+                wire.check_api_key(header, self.key)
+            except wire.ApiError as err:
+                await _response(err)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -288,106 +214,42 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _prompt(value: Any) -> str:
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if not isinstance(value, str) or not value.strip():
-        raise ApiError(400, "prompt must be a non-empty string", param="prompt")
-    return value
-
-
-def _messages(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise ApiError(400, "messages must be a non-empty list", param="messages")
-    out = []
-    for m in value:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ApiError(400, "each message needs a string role", param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts: text only
-            if not all(
-                isinstance(p, dict) and p.get("type", "text") == "text"
-                and isinstance(p.get("text"), str)
-                for p in content
-            ):  # fmt: skip
-                raise ApiError(
-                    400, "content parts must be text parts with a string text", param="messages"
-                )
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise ApiError(400, "message content must be a string", param="messages")
-        out.append({"role": m["role"], "content": content})
-    if not any(m["content"].strip() for m in out):
-        raise ApiError(400, "messages are all empty", param="messages")
-    return out
-
-
-def _number(data: dict[str, Any], key: str, default: float) -> float:
-    """A JSON number (not a boolean); its range is checked by GenerationRequest.validate."""
-    v = data.get(key, default)
-    if v is None:
-        return default
-    if not isinstance(v, int | float) or isinstance(v, bool):
-        raise ApiError(400, f"{key} must be a number", param=key)
+async def _sse(
+    ex: Execution, first: TokenEvent, head: wire.ResponseHead, p: wire.ApiRequest
+) -> AsyncIterator[str]:
+    sent = 1
     try:
-        return float(v)
-    except OverflowError:  # an integer too large for a float
-        raise ApiError(400, f"{key} is out of range", param=key) from None
-
-
-def _chunk(ev: TokenEvent, rid: str, p: _Parsed, created: int, first: bool) -> dict[str, Any]:
-    ext = {"index": ev.index, "source": ev.source.value if ev.source else None}
-    if p.chat:
-        delta = {"role": "assistant", "content": ev.text} if first else {"content": ev.text}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": ev.finish_reason}
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": p.model, "choices": [choice],
-            "disco": ext}  # fmt: skip
-
-
-async def _sse(ex: Execution, first: TokenEvent, rid: str, p: _Parsed) -> AsyncIterator[str]:
-    created = int(time.time())
-    try:
-        yield f"data: {json.dumps(_chunk(first, rid, p, created, True))}\n\n"
+        yield wire.sse(wire.chunk(head, [first], first=True))
         async for ev in ex:
-            yield f"data: {json.dumps(_chunk(ev, rid, p, created, False))}\n\n"
+            sent += 1
+            yield wire.sse(wire.chunk(head, [ev]))
+        if p.include_usage:
+            yield wire.sse(wire.usage_chunk(head, _usage(ex, sent)))
     except StreamFailedError as e:
-        err = {"error": {"message": str(e), "type": "server_error", "code": 503}}
-        yield f"data: {json.dumps(err)}\n\n"
+        yield wire.sse(wire.engine_failed(str(e)).event())  # no [DONE]: the stream broke
         return
     finally:
         await ex.aclose()  # the client may have gone away: stop every endpoint
-    yield "data: [DONE]\n\n"
+    yield wire.SSE_DONE
 
 
-async def _whole(ex: Execution, first: TokenEvent, rid: str, p: _Parsed) -> Response:
+async def _whole(ex: Execution, first: TokenEvent, head: wire.ResponseHead) -> Response:
     events = [first]
     try:
         events += [ev async for ev in ex]
     except StreamFailedError as e:
-        return ApiError(503, str(e), "server_error").response()
+        return _response(wire.engine_failed(str(e)))
     finally:
         await ex.aclose()
-    text = "".join(ev.text for ev in events)
-    finish = events[-1].finish_reason or "stop"
     o = ex.outcome
-    usage = {"prompt_tokens": o.prompt_tokens if o else 0, "completion_tokens": len(events)}
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    if p.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": None, "finish_reason": finish}  # fmt: skip
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        obj = "text_completion"
-    sources = [ev.source.value if ev.source else None for ev in events]
-    body = {"id": rid, "object": obj, "created": int(time.time()), "model": p.model,
-            "choices": [choice], "usage": usage,
-            "disco": {"sources": sources, "migrated_at": o.migrated_at if o else None}}  # fmt: skip
+    body = wire.completion(head, events, _usage(ex, len(events)), o.migrated_at if o else None)
     return JSONResponse(body)
+
+
+def _usage(ex: Execution, completion_tokens: int) -> wire.Usage:
+    """The prompt as the agent counted it for planning (the device engine's tokenizer)."""
+    o = ex.outcome
+    return wire.Usage(o.prompt_tokens if o else 0, completion_tokens)
 
 
 async def serve(agent: DeviceAgent, config: HttpConfig) -> None:

@@ -18,15 +18,11 @@ What it does, per request (DESIGN.md section 2, paper-notes.md "Token-level migr
 - Silence is failure too: no first token within ``first_token_timeout_s`` or no next token within
   ``stall_timeout_s`` (a hung replica never raises) fails the stream over the same way.
 
-Pure asyncio, no Ray. While several streams run (a race, a hedge to come, a migration), one pump
-task per stream feeds a single queue, so every decision is taken in one place, in arrival order.
-A stream that is the only one left to run is iterated by the request's own task instead (one task
-switch per token, not two: what lets one event loop hold a thousand streams on time), watched by
-one lazily re-armed stall timer per request.
-
-Work accounting (``RequestOutcome``): every stream's prompt and output tokens are charged, the
-loser's and the speculative ones included; a server request is billed its prompt once sent, a device
-prefill cut short is charged pro rata of its expected duration [R].
+Pure asyncio, no Ray. Where the parts live: the request's statuses and transitions in
+``request_state.py``, the asyncio driver (stream pumps, the sole-stream fast path) in ``run.py``,
+the stall limits and watchdog in ``watchdog.py``, and the work accounting in ``billing.py``
+(every stream's prompt and output tokens are charged, the loser's and the speculative ones
+included, by the core's one rule, ``disco.scheduler.billing``).
 """
 
 from __future__ import annotations
@@ -40,13 +36,15 @@ from disco.scheduler.migration import MigrationConfig
 from disco.scheduler.profiles import DeviceProfile, ServerProfile
 from disco.scheduler.types import EndpointKind, Plan, Request, RequestOutcome, TokenEvent
 
-from .run import RequestRun, StreamFailedError
+from .request_state import RequestStatus, StreamFailedError
+from .run import RequestRun
 
 __all__ = [
     "Coordinator",
     "CoordinatorConfig",
     "Execution",
     "OutputLengthEstimator",
+    "RequestStatus",
     "StreamFailedError",
 ]
 
@@ -129,30 +127,35 @@ class Execution:
     @property
     def failures(self) -> list[str]:
         """Endpoint errors seen, including ones the request recovered from."""
-        return [f"{k.value}: {e!r}" for k, e in self._run.failures]
+        return [f"{k.value}: {e!r}" for k, e in self._run.state.failures]
 
     @property
     def failovers(self) -> int:
-        return self._run.failovers
+        return self._run.state.failovers
+
+    @property
+    def status(self) -> RequestStatus:
+        """Where the request stands (``request_state.py`` draws the transitions)."""
+        return self._run.state.status
 
     @property
     def migration_abandoned(self) -> bool:
         """A migration started but its target was too slow to take over before the reader's
         buffer ran dry, so the source kept the stream."""
-        return self._run.migration_abandoned
+        return self._run.state.migration_abandoned
 
     @property
     def cancelled(self) -> bool:
         """The consumer stopped iterating before the end (e.g. the HTTP client went away)."""
-        return self._run.cancelled
+        return self._run.state.status is RequestStatus.CANCELLED
 
     @property
     def request_id(self) -> str:
-        return self._run.request.id
+        return self._run.state.request.id
 
     @property
     def plan(self) -> Plan:
-        return self._run.plan
+        return self._run.state.plan
 
     def __aiter__(self):
         return self._gen  # iterate the generator itself: no wrapper call per token

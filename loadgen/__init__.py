@@ -2,8 +2,9 @@
 replay with per-token measurement, and the reports (DESIGN.md section 2, ``loadgen/``).
 
 Modules: ``arrivals`` (when), ``prompts`` (what), ``schedule`` (to whom), ``pacer`` (open-loop
-timing), ``sse`` (parsing streams), ``locustfile`` (the users; runs only inside Locust's own
-process), ``runner`` (starts that process), ``records``/``report`` (results), ``replay`` (one run
-end to end), ``compare`` (simulator vs live), ``mock_server`` (a loopback SSE server for tests).
+timing), ``locustfile`` (the users, reading streams with ``disco.scheduler.wire``; runs only
+inside Locust's own process), ``runner`` (starts that process), ``records``/``report``
+(results), ``replay`` (one run end to end), ``compare`` (simulator vs live), ``mock_server`` (a
+loopback SSE server for tests).
 Nothing here imports Ray, and nothing but ``locustfile`` imports Locust.
 """

@@ -27,7 +27,7 @@ from disco.loadgen.pacer import Pacer
 from disco.loadgen.records import RecordWriter, RequestRecord
 from disco.loadgen.schedule import ScheduledRequest, read_schedule
 from disco.loadgen.spec import SPEC_ENV, LoadSpec
-from disco.loadgen.sse import SSEDecoder
+from disco.scheduler.wire import SSEDecoder
 
 log = logging.getLogger("disco.loadgen")
 KIND = "SSE"  # request_type of the custom entries
@@ -233,15 +233,15 @@ class StreamingUser(FastHttpUser):
                     if not rec.token_times:
                         _fire(self.environment, "TTFT", now * 1000)
                     rec.token_times.extend([now] * len(chunk.tokens))
-                    src = chunk.extra.get("source")  # the testbed's extension: who made it
+                    src = chunk.disco.source if chunk.disco else None  # who made them
                     if src is not None:
-                        rec.token_sources.extend([str(src)] * len(chunk.tokens))
-                if chunk.extra:
-                    rec.extra.update(chunk.extra)
+                        rec.token_sources.extend([src] * len(chunk.tokens))
+                if chunk.disco is not None:
+                    rec.extra.update(chunk.disco.to_dict())
                 if chunk.finish_reason:
                     rec.finish_reason = chunk.finish_reason
-                if chunk.error:
-                    raise StreamError(chunk.error)
+                if chunk.error is not None:
+                    raise StreamError(chunk.error.message)
                 if chunk.done:
                     break
             if not line:

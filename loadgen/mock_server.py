@@ -1,9 +1,11 @@
 """A tiny OpenAI-compatible streaming server on loopback, for tests and the pacing benchmark.
 
-Standard library only (threads, no asyncio), so it runs beside pytest without touching an event
-loop. ``POST /v1/completions`` with ``stream: true`` answers ``max_tokens`` tokens as SSE after a
-fixed TTFT, one token every ``tbt_s``; it records when each request arrived so a benchmark can
-compare the server's view of the send times with the schedule.
+Standard library threads (no asyncio), so it runs beside pytest without touching an event loop;
+bodies, chunks and errors are :mod:`disco.scheduler.wire`'s. ``POST /v1/completions`` answers
+``max_tokens`` tokens as SSE after a fixed TTFT, one chunk every ``tbt_s`` (of
+``tokens_per_chunk`` tokens, listed in ``logprobs`` as servers under load send them); it records
+when each request arrived so a benchmark can compare the server's view of the send times with the
+schedule.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from disco.scheduler import wire
+from disco.scheduler.types import TokenEvent
+
+MAX_BODY_BYTES = 1 << 20
 
 
 @dataclass
@@ -80,45 +87,37 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path in ("/health", "/v1/models"):
             self._json(200, {"status": "ok", "data": [{"id": "mock"}]})
         else:
-            self._json(404, {"error": {"message": "not found"}})
+            self._json(404, wire.ApiError(404, f"no route {self.path}").body())
 
     def do_POST(self) -> None:  # noqa: N802
         arrived = time.monotonic()
         rid = self.headers.get("X-Request-Id", "")
         owner = self.server_owner
         owner.arrivals[rid] = arrived
-        length = int(self.headers.get("Content-Length") or 0)
+        # Read the whole body even to refuse it: the connection is kept alive for the next one.
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-        except json.JSONDecodeError:
-            self._json(400, {"error": {"message": "bad JSON"}})
-            return
-        if self.path != "/v1/completions" or not body.get("prompt"):
-            self._json(400, {"error": {"message": "expected /v1/completions with a prompt"}})
+            if self.path != "/v1/completions":
+                raise wire.ApiError(404, f"no route {self.path}: expected /v1/completions")
+            n = wire.parse_request(wire.parse_json(raw, MAX_BODY_BYTES)).request.max_tokens
+        except wire.ApiError as e:
+            self._json(e.status, e.body())
             return
         cfg = owner.config
-        n = int(body.get("max_tokens") or 16)
         self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Type", wire.SSE_MEDIA_TYPE)
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         time.sleep(cfg.ttft_s + cfg.slow.get(rid, 0.0))
-        sent = 0
-        while sent < n:
-            k = min(cfg.tokens_per_chunk, n - sent)
-            toks = [f" t{sent + i}" for i in range(k)]
-            last = sent + k >= n
-            chunk = {
-                "id": rid, "object": "text_completion",
-                "choices": [{"index": 0, "text": "".join(toks),
-                             "logprobs": {"tokens": toks} if k > 1 else None,
-                             "finish_reason": "length" if last else None}],
-            }  # fmt: skip
-            self._chunk(f"data: {json.dumps(chunk)}\n\n")
-            sent += k
-            if not last:
+        head = wire.ResponseHead(rid, "mock", int(time.time()))
+        for start in range(0, n, cfg.tokens_per_chunk):
+            stop = min(start + cfg.tokens_per_chunk, n)
+            events = [TokenEvent(i, f" t{i}", 0.0, finish_reason="length" if i == n - 1 else None)
+                      for i in range(start, stop)]  # fmt: skip
+            self._chunk(wire.sse(wire.chunk(head, events, first=start == 0)))
+            if stop < n:
                 time.sleep(cfg.tbt_s)
-        self._chunk("data: [DONE]\n\n")
+        self._chunk(wire.SSE_DONE)
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 

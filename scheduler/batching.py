@@ -327,13 +327,16 @@ class Replica:
         st.busy_s += step.end - step.start
         st.prefill_tokens += step.prefill_tokens
         emissions: list[Emission] = []
-        durations = np.diff(step.ends, prepend=step.start)
-        tokens_in_first = sum(n for _, n in step.batch) or 1
+        total = step.end - step.start
+        # Replica time per sequence: a single step splits by tokens computed; a decode run
+        # gives every sequence an equal share of every sub-step.
+        if k == 1:
+            per_token = total / (sum(n for _, n in step.batch) or 1)
+        else:
+            per_seq = total / len(step.batch)
+        finished: list[Seq] = []
         for seq, n in step.batch:
-            if k == 1:
-                seq.gpu_s += float(durations[0]) * n / tokens_in_first
-            else:  # decode run: an equal share of every sub-step
-                seq.gpu_s += float(durations.sum()) / len(step.batch)
+            seq.gpu_s += per_token * n if k == 1 else per_seq
             if seq.aborted_at is not None:
                 # Aborted while the step ran (its KV is already released): a run of decode
                 # steps still delivered the tokens that ended before the abort.
@@ -361,7 +364,11 @@ class Replica:
             emissions.append(Emission(seq, idx, step.ends, done))
             st.tokens += k
             if done:
-                self.running.remove(seq)
+                finished.append(seq)
+        if finished:
+            gone = {id(s) for s in finished}
+            self.running = [s for s in self.running if id(s) not in gone]
+            for seq in finished:
                 self.seqs.pop(seq.id, None)
                 self._release(seq)
         return emissions

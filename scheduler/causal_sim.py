@@ -11,13 +11,14 @@ TTFT is an independent draw and the policy learns every outcome at plan time), h
   nothing is learnt before it would be known.
 - Each request has its own device (a phone per user): TTFT = a + c * context, decode at the
   profile's speed. (A device serving several requests is issue 10's model.)
-- The request-level logic follows the live coordinator (``device_agents/run.py``): the first first
-  token wins and the loser is cancelled; a migration is decided at the first token, launched once
-  the reader's unread buffer hides the target's estimated t_m (the target gets prompt + generated
-  text), the source's later tokens are held, and the switch happens at the target's first token
-  unless the buffer's deadline passes first (then the held tokens go out and the source goes on).
+- The request-level logic follows the live coordinator's state machine
+  (``device_agents/request_state.py``): the first first token wins and the loser is cancelled; a
+  migration is decided at the first token, launched once the reader's unread buffer hides the
+  target's estimated t_m (the target gets prompt + generated text), the source's later tokens are
+  held, and the switch happens at the target's first token unless the buffer's deadline passes
+  first (then the held tokens go out and the source goes on).
   Gaps at a switch are measured, not assumed.
-- Billing: ``billing.prompt_charge`` (the live rule). Server cost: replica time attributed to
+- Billing: ``billing.prompt_charge`` (one rule, live and simulated). Server cost: replica time attributed to
   each request's tokens x the preset's price per hour when it has one, else list prices.
 - ``rtt_s``: device <-> server round trip; a request reaches its replica rtt/2 after it is sent
   and each token reaches the device rtt/2 after the replica emits it.
@@ -564,14 +565,11 @@ class CausalSim:
         gpu = 0.0
         for leg in req.legs:
             if leg.kind is S:
-                o.server_prompt_tokens += leg.ctx
+                o.server_prompt_tokens += prompt_charge(S, leg.ctx)
                 o.server_output_tokens += leg.seq.out if leg.seq is not None else 0
                 gpu += leg.seq.gpu_s if leg.seq is not None else 0.0
             else:
-                o.device_prompt_tokens += prompt_charge(
-                    D, leg.ctx, leg.start, leg.stopped, leg.first is not None and
-                    leg.first <= leg.stopped, float(req.dev.ttft(leg.ctx)),
-                )  # fmt: skip
+                o.device_prompt_tokens += prompt_charge(D, leg.ctx)
                 o.device_output_tokens += leg.produced
         for leg in req.legs:  # cancelled server sequences no longer in a replica
             if leg.kind is S and leg.seq is not None:

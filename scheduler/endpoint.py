@@ -49,6 +49,10 @@ class GenerationRequest:
     request_id: str = ""
     # Emulated engines need the prompt length in tokens without a tokenizer; real engines ignore it.
     prompt_tokens_hint: int | None = None
+    # Prefix-cache key: the device-side request id, shared by a request's legs (the original,
+    # a migration target, a failover), so a re-prefill on the same replica finds the prompt
+    # already computed. None: ``request_id``.
+    cache_key: str | None = None
 
     def validate(self) -> None:
         """Checks shared by every engine; engines add their own (context window)."""

@@ -71,7 +71,7 @@ def migration_latency(
     if target is EndpointKind.DEVICE:
         return float(device.ttft(context_tokens)) + device.tbt_s
     # Server: a fresh request pays the server's queueing/network TTFT again (median if unknown).
-    base = server_ttft_s if server_ttft_s is not None else _server_median_ttft(server)
+    base = server_ttft_s if server_ttft_s is not None else median_ttft(server)
     return cfg.rtt_s + base + server.ttft_per_prompt_token_s * context_tokens + server.tbt_s
 
 
@@ -90,10 +90,6 @@ def warm_latency(
 
 def median_ttft(server: ServerProfile) -> float:
     """A cheap central estimate of the server's TTFT (the live side has no better prior)."""
-    return _server_median_ttft(server)
-
-
-def _server_median_ttft(server: ServerProfile) -> float:
     if server.ttft_samples:
         s = sorted(server.ttft_samples)
         return s[len(s) // 2]
@@ -187,7 +183,7 @@ def decide_migration_batch(
     if target is EndpointKind.DEVICE:
         t_m = np.asarray(device.ttft(ctx), dtype=float) + device.tbt_s
     else:
-        base = _server_median_ttft(server)
+        base = median_ttft(server)
         t_m = cfg.rtt_s + base + server.ttft_per_prompt_token_s * ctx + server.tbt_s
     t_m = np.where(warm, ready + warm_latency(target, generated_tokens, server, device, cfg), t_m)
     tokens_during = np.ceil(t_m / src_rate)

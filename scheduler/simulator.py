@@ -8,9 +8,9 @@ Model (each choice is ours [R] unless paper-notes says otherwise):
   inter-token gap (the profiles' jitter, ``tbt_cv``, changes no decision and is not simulated,
   which also keeps QoE and TBT in closed form for the batch path).
 - A plan's start > 0 is a hedge: that endpoint starts only if the other has produced no first token
-  by then. The first first token wins; the loser is cancelled then. Every endpoint that started is
-  charged its whole prompt prefill (a cancelled llama.cpp prefill finishes its batch, and APIs
-  bill the prompt), and that is what the budget counts.
+  by then. The first first token wins; the loser is cancelled then. Billing is the one rule of
+  ``billing.py``: every endpoint that started is charged its whole prompt, and that is what the
+  budget counts.
 - Migration (rule in the plan, decided at the first token by ``decide_migration_batch`` with the
   policy's expected output length): the target is sent prompt + generated text at once; the
   source keeps generating until the target is ready and the planned index is reached, and the
@@ -360,9 +360,10 @@ def run_batch(policy: WindowPolicy, world: World, settings: SimSettings | None =
             want = ~np.isnan(policy.constrained_start(ss, ds))
             d = dispatch(ss, ds, world.server_ttft[sl], world.device_ttft[sl])
             used = d.started_s if policy.constrained is EndpointKind.SERVER else d.started_d
+            drop_seen, drop_spent = policy.window.departing(lengths.size)
             allowed = budget_guard_scan(
-                want, lengths, np.where(used, lengths, 0.0), policy.seen_tokens,
-                policy.spent_tokens, policy.budget,
+                want, lengths, np.where(used, lengths, 0.0), policy.budget_seen,
+                policy.budget_spent, policy.budget, drop_seen, drop_spent,
             )  # fmt: skip
             blocked = want & ~allowed
             if blocked.any():

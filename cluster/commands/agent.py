@@ -65,7 +65,7 @@ def _planner(args: argparse.Namespace, sp, dp):  # noqa: ANN001, ANN202 - heavy 
             raise CliError(f"cannot reach the scheduler at {args.scheduler!r}: {e}") from None
         return ActorPlanner(actor)
     if args.policy:
-        from disco.cluster.resolve import build_policy
+        from disco.cluster.resolve import build_live_policy
         from disco.scheduler.policies.base import PolicyConfig
         from disco.scheduler.types import Regime
 
@@ -73,7 +73,7 @@ def _planner(args: argparse.Namespace, sp, dp):  # noqa: ANN001, ANN202 - heavy 
             pcfg = PolicyConfig(regime=Regime(args.regime), budget=args.budget)
         except ValueError as e:
             raise CliError(str(e)) from None
-        return LocalPlanner(build_policy(args.policy, pcfg, sp, dp))
+        return LocalPlanner(build_live_policy(args.policy, pcfg, sp, dp))
     return StaticPlanner()
 
 
@@ -88,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise CliError(f"--port must be in 1..65535, got {args.port}")
+    if args.policy:
+        from disco.cluster.resolve import check_live_policy
+
+        check_live_policy(args.policy)  # before the model loads
     try:
         http = HttpConfig(host=args.host, port=args.port, api_key=resolve_api_key(args.api_key))
         sp, dp = profiles(args.server_profile, args.device_profile)

@@ -53,8 +53,8 @@ class DemoSize:
 # so the token rate stays well under that. Two emulated replicas of the demo preset at ~3
 # requests/s of Azure conversation prompts keep the server's queue busy: in the causal simulator
 # server-only's mean TTFT is ~7 s at 3/s over 200 s (0.7 s at 2/s), without the unbounded backlog
-# of 3.5/s; the quick run's 45 s at 3.5/s fills the replicas' KV caches without running away.
-QUICK = DemoSize(duration_s=45.0, rate=3.5, devices=12, max_tokens=128, max_prompt_tokens=1536)
+# of 3.5/s; the quick run's 42 s at 3.6/s fills the replicas' KV caches without running away.
+QUICK = DemoSize(duration_s=42.0, rate=3.6, devices=12, max_tokens=128, max_prompt_tokens=1536)
 FULL = DemoSize(duration_s=200.0, rate=3.0, devices=24, max_tokens=256, max_prompt_tokens=1536)
 DEMO_PRESET = "llama3-8b-a10g"  # see scheduler/presets.py for every number's source
 DEMO_REPLICAS = 2
@@ -114,7 +114,7 @@ def _size(args: argparse.Namespace) -> DemoSize:
 
 
 def _policies(spec: str) -> list[str]:
-    from disco.cluster.resolve import policy_names
+    from disco.cluster.resolve import check_live_policy, policy_names
 
     names = [p.strip() for p in spec.split(",") if p.strip()]
     known = policy_names()
@@ -123,6 +123,8 @@ def _policies(spec: str) -> list[str]:
         raise CliError(f"unknown policy {', '.join(bad) or '(none)'} (known: {', '.join(known)})")
     if len(set(names)) != len(names):
         raise CliError("--policies lists a policy twice")
+    for name in names:  # every policy runs live here, not only in the simulation beside it
+        check_live_policy(name.removesuffix(NO_MIGRATION))
     return names
 
 
@@ -407,6 +409,7 @@ def _row(policy: str, budget: float, s: dict, dev: dict, interrupted: bool) -> d
 
 def _report(rows, runs, reqs, policies, args, size, engine, out, devices_seen, preset,
             series) -> None:  # fmt: skip
+    from disco.cluster.provenance import commit, machine, provenance
     from disco.loadgen.report import table, write_json, write_plots
 
     if not rows:
@@ -433,8 +436,7 @@ def _report(rows, runs, reqs, policies, args, size, engine, out, devices_seen, p
     }  # fmt: skip
     write_json(out / "summary.json", {
         "rows": [{k: r[k] for k in ROW_KEYS} for r in rows], "sim_rows": sim_rows, "config": cfg,
-        "device_side": devices_seen, "date": date, "machine": _machine(),
-        "commit": _commit(), "versions": _versions(), "seed": args.seed,
+        "device_side": devices_seen, "date": date, **provenance(args),
     })  # fmt: skip
     server_desc = (
         f"{args.replicas} x emulated `{preset.name}` ({preset.model} on {preset.hardware}; the "
@@ -444,7 +446,7 @@ def _report(rows, runs, reqs, policies, args, size, engine, out, devices_seen, p
     md = [
         f"# `disco demo{' --quick' if args.quick else ''}`",
         "",
-        f"{date}, {_machine()}, commit {_commit()}. Server: {server_desc}; devices: "
+        f"{date}, {machine()}, commit {commit()}. Server: {server_desc}; devices: "
         f"{'one real llama.cpp agent (' + DEVICE_MODEL + ') + ' if not args.no_agent else ''}"
         f"{size.devices} emulated ({', '.join(PAPER_DEVICES)}, cycled); {len(reqs)} requests per "
         f"policy from {size.duration_s:g} s of the Azure conversation trace (offset "
@@ -570,35 +572,6 @@ def _data(name: str) -> Path:
     from importlib import resources
 
     return Path(str(resources.files("disco.scheduler.data") / name))
-
-
-def _commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("disco-testbed", "ray", "locust", "llama_cpp_python", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            continue
-    return out
-
-
-def _machine() -> str:
-    import os
-    import platform
-
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def say(msg: str) -> None:

@@ -38,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
     except ConfigError as e:
         raise CliError(str(e)) from None
+    if not args.no_scheduler:
+        from disco.cluster.resolve import check_live_policy
+
+        check_live_policy(cfg.scheduler.policy)  # before anything is deployed
     address = args.address or cfg.ray.address or os.environ.get("RAY_ADDRESS") or "auto"
 
     from dataclasses import replace

@@ -69,6 +69,7 @@ def parse_budgets(text: str) -> tuple[float, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from disco.cluster.provenance import provenance
     from disco.scheduler.policies import POLICIES
     from disco.scheduler.profiles import load_profile
     from disco.scheduler.report import format_table, plot_rows, write_rows
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "trace": trace.name, "requests": len(records), "regime": regime.value,
         "server_profile": server.name, "device_profile": device.name, "seed": args.seed,
-        "window": args.window, "recompute_every": args.recompute_every,
+        "window": args.window, "recompute_every": args.recompute_every, **provenance(args),
     }  # fmt: skip
     write_rows(out, rows, meta)
     if not args.no_plots:
@@ -159,6 +160,7 @@ def _preset(name: str):
 
 
 def _run_causal(args, records, trace, preset, device, regime, budgets, policies, mig) -> int:
+    from disco.cluster.provenance import provenance
     from disco.scheduler.causal_sim import CAUSAL_ROW_KEYS, CausalSettings, causal_cell
     from disco.scheduler.migration import MigrationConfig
     from disco.scheduler.presets import preset_profile
@@ -192,6 +194,7 @@ def _run_causal(args, records, trace, preset, device, regime, budgets, policies,
         "server_preset": preset.name, "replicas": args.replicas, "rtt_ms": args.rtt_ms,
         "device_profile": device.name, "seed": args.seed, "window": args.window,
         "recompute_every": args.recompute_every, "model": "causal, continuous batching",
+        **provenance(args),
     }  # fmt: skip
     rows = [{k: r.get(k) for k in CAUSAL_ROW_KEYS} for r in rows]
     write_rows(out, rows, meta)

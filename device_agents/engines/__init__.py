@@ -7,8 +7,8 @@ Importing this package registers the device-side engines in
 - ``emulated``: replays a device or server latency profile with real sleeps; given a server
   preset (``preset=NAME``, or a ``profile`` that names one) it emulates a continuous-batching
   replica instead (:class:`~disco.device_agents.engines.batching.BatchingEndpoint`);
-- ``openai``: any OpenAI-compatible ``/v1/completions`` SSE server (Ray Serve, ``vllm serve``,
-  a commercial API).
+- ``openai``: any OpenAI-compatible SSE server (Ray Serve, ``vllm serve``, a commercial API),
+  over ``/v1/completions`` or, with ``api="chat"``, ``/v1/chat/completions``.
 
 (``vllm`` lives in ``disco.cluster.engines``: device agents never import the cluster.)
 Each factory imports its engine module lazily, so heavy or optional dependencies (llama_cpp,

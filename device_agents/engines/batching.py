@@ -117,7 +117,7 @@ class BatchingEndpoint:
                     prompt + req.start_index,
                     req.max_tokens,
                     self._now(),
-                    cache_key=req.request_id or None,
+                    cache_key=req.cache_key or req.request_id or None,
                     shared_tokens=prompt,
                 )
                 wake.set()

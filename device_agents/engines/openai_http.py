@@ -1,17 +1,43 @@
-"""Any OpenAI-compatible ``/v1/completions`` server, streamed over SSE, behind the Endpoint protocol.
+"""Any OpenAI-compatible server, streamed over SSE, behind the Endpoint protocol.
 
 This is how a device talks to a Ray Serve replica, a ``vllm serve`` process or a commercial API.
-Resume sends ``prompt + prefix`` as the prompt (the server re-prefills it); cancel closes the HTTP
-response, which vLLM and Ray Serve turn into an abort of the request.
+The wire format (request bodies, chunk decoding, the empty-text rule) is
+:mod:`disco.scheduler.wire`'s. Cancel closes the HTTP response, which vLLM and Ray Serve turn
+into an abort of the request.
 
-Tokens: one event per SSE chunk, which is one token on vLLM and llama.cpp servers. A server that
-packs several tokens into a chunk and returns ``logprobs.tokens`` (ask with
-``request_logprobs=True``) is split into one event per token, all stamped with the chunk's arrival
-time; otherwise such a chunk counts as one event.
+Two APIs (``api=``):
+
+- ``"completions"`` (default): ``POST /v1/completions``. Resume: a server of this testbed
+  (``disco_extensions=True``) gets ``prefix``/``start_index``; any other server gets
+  ``prompt + prefix`` as the prompt and re-prefills it.
+- ``"chat"``: ``POST /v1/chat/completions``, so that a chat-only service (GPT-4o-mini, the
+  paper's server) can be the server. The prompt is one user message. A chat API has no field
+  for "continue this text", so resume is what the server allows (``chat_resume=``):
+
+  - ``"continue_final_message"`` (vLLM): the prefix is a final assistant message, sent with
+    vLLM's ``continue_final_message: true`` and ``add_generation_prompt: false``; the model
+    goes on inside its own turn, right after the prefix, as an uninterrupted run would (greedy
+    decoding gives the same tokens up to how the prefix re-tokenizes). Only vLLM (and this
+    testbed's servers) accept these fields; OpenAI refuses them with a 400.
+  - ``"assistant_turn"`` (default, any chat service): the prefix as an assistant message, then
+    a user message asking to continue (``continue_instruction``). Limits: the model answers in
+    a new turn, so it may repeat or rephrase the prefix's end, change the whitespace at the
+    seam, restart, or add a preamble; the text is not the uninterrupted run's tail even at
+    temperature 0; the server bills the prefix and the instruction as prompt tokens again; and
+    the token indices are the client's count. A migration *to* such a server is therefore a
+    visible seam, and failover to it is best effort.
+
+  With ``disco_extensions=True`` the prefix travels as ``prefix`` instead (our agent and Serve
+  app accept it on chat too).
+
+Tokens: one event per token the decoder counts (one per chunk on vLLM and llama.cpp servers). A
+server that packs several tokens into a chunk and lists them in ``logprobs`` (ask with
+``request_logprobs=True``) is split into one event per token, all stamped with the chunk's
+arrival time; otherwise such a chunk counts as one event.
 
 Errors: an HTTP 400/413/422 (bad request, prompt too long) raises :class:`InvalidRequestError` with
 the server's message; anything else that goes wrong (connect failure, 5xx, the connection lost
-mid-stream, a stream that ends without a finish reason or ``[DONE]``) raises
+mid-stream, an error event, a stream that ends without a finish reason or ``[DONE]``) raises
 :class:`EndpointFailedError`.
 
 ``count_tokens`` is an estimate (~4 characters per token): the server's tokenizer is not local.
@@ -19,7 +45,6 @@ mid-stream, a stream that ends without a finish reason or ``[DONE]``) raises
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -30,8 +55,15 @@ import httpx
 
 from disco.scheduler.endpoint import EndpointFailedError, GenerationRequest, InvalidRequestError
 from disco.scheduler.types import EndpointKind, TokenEvent
+from disco.scheduler.wire import ApiError, decode_stream, request_body, token_events
 
 from .emulated import estimate_tokens
+
+APIS = ("completions", "chat")
+CHAT_RESUMES = ("assistant_turn", "continue_final_message")
+CONTINUE_INSTRUCTION = (
+    "Continue your previous answer exactly where it stopped, without repeating any of it."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,14 +74,25 @@ class OpenAIConfig:
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 120.0  # longest silence tolerated between two chunks
     request_logprobs: bool = False
-    # Our own server (disco.cluster) accepts ``prefix``/``start_index``/``prompt_tokens_hint`` and
-    # tags chunks with ``disco: {index, token_id}``; plain OpenAI servers may reject those fields.
+    # Our own servers (disco.cluster, the device agent) accept ``prefix``/``start_index``/
+    # ``prompt_tokens_hint``; plain OpenAI servers may reject those fields.
     disco_extensions: bool = False
     extra_body: tuple[tuple[str, Any], ...] = ()  # extra JSON fields, e.g. (("ignore_eos", True),)
+    api: str = "completions"  # or "chat" (module docstring)
+    chat_resume: str = "assistant_turn"  # or "continue_final_message" (vLLM)
+    continue_instruction: str = CONTINUE_INSTRUCTION
 
-    def completions_url(self) -> str:
+    def __post_init__(self) -> None:
+        if self.api not in APIS:
+            raise ValueError(f"openai: api must be one of {', '.join(APIS)}, got {self.api!r}")
+        if self.chat_resume not in CHAT_RESUMES:
+            raise ValueError(f"openai: chat_resume must be one of {', '.join(CHAT_RESUMES)}, "
+                             f"got {self.chat_resume!r}")  # fmt: skip
+
+    def url(self) -> str:
         base = self.base_url.rstrip("/")
-        return f"{base}/completions" if base.endswith("/v1") else f"{base}/v1/completions"
+        path = "chat/completions" if self.api == "chat" else "completions"
+        return f"{base}/{path}" if base.endswith("/v1") else f"{base}/v1/{path}"
 
 
 _INVALID_STATUS = {400, 413, 422}
@@ -88,61 +131,44 @@ class OpenAIEndpoint:
         return estimate_tokens(text)
 
     def _body(self, req: GenerationRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self.config.model,
-            "prompt": req.prompt if self.config.disco_extensions else req.prompt + req.prefix,
-            "max_tokens": req.max_tokens,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-            "stream": True,
-        }
-        if req.seed is not None:
-            body["seed"] = req.seed
-        if self.config.disco_extensions:
-            body["prefix"] = req.prefix
-            body["start_index"] = req.start_index
-            if req.prompt_tokens_hint is not None:
-                body["prompt_tokens_hint"] = req.prompt_tokens_hint
-        if self.config.request_logprobs:
-            body["logprobs"] = 1
-        body.update(dict(self.config.extra_body))
+        cfg = self.config
+        chat = cfg.api == "chat"
+        messages = self._messages(req) if chat else None
+        body = request_body(req, cfg.model, messages=messages, extensions=cfg.disco_extensions)
+        vllm_resume = cfg.chat_resume == "continue_final_message"
+        if chat and req.prefix and not cfg.disco_extensions and vllm_resume:
+            body |= {"continue_final_message": True, "add_generation_prompt": False}
+        if cfg.request_logprobs:
+            body["logprobs"] = True if chat else 1  # chat takes a flag, completions a count
+        body.update(dict(cfg.extra_body))
         return body
+
+    def _messages(self, req: GenerationRequest) -> list[dict[str, str]]:
+        """The chat turns for ``req``: the prompt, and on a resume the prefix (docstring)."""
+        messages = [{"role": "user", "content": req.prompt}]
+        if req.prefix and not self.config.disco_extensions:
+            messages.append({"role": "assistant", "content": req.prefix})
+            if self.config.chat_resume == "assistant_turn":
+                messages.append({"role": "user", "content": self.config.continue_instruction})
+        return messages
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
         req.validate()
-        url = self.config.completions_url()
-        index = req.start_index
         try:
             async with self._client.stream(
-                "POST", url, json=self._body(req), headers=self._headers
+                "POST", self.config.url(), json=self._body(req), headers=self._headers
             ) as resp:
                 if resp.status_code != 200:
                     await resp.aread()
                     raise _status_error(self.name, resp)
-                finished = False
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue  # blank separators, comments, event names
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        finished = True
-                        break
-                    now = time.monotonic()
-                    choice, token_id = _first_choice(self.name, data)
-                    if choice is None:
-                        continue  # e.g. a usage-only chunk
-                    reason = choice.get("finish_reason")
-                    pieces = _split(choice)
-                    tid = token_id if len(pieces) == 1 else None
-                    for text, last in pieces:
-                        yield TokenEvent(index, text, now, tid, self.kind, reason if last else None)
-                        index += 1
-                    if reason is not None:
-                        finished = True
-                if not finished:
-                    raise EndpointFailedError(f"{self.name}: stream ended before a finish reason")
+                chunks = decode_stream(resp.aiter_lines())
+                async for ev in token_events(chunks, req.start_index, self.kind, time.monotonic):
+                    yield ev
         except httpx.HTTPError as e:
             raise EndpointFailedError(f"{self.name}: {type(e).__name__}: {e}") from e
+        except ApiError as e:  # an error event, or a cut stream: it broke after the headers
+            what = f"{e.status} {e.code or e.type}"
+            raise EndpointFailedError(f"{self.name}: mid-stream ({what}): {e.message}") from None
 
     async def close(self) -> None:
         if self._owns_client:
@@ -151,36 +177,10 @@ class OpenAIEndpoint:
 
 def _status_error(name: str, resp: httpx.Response) -> Exception:
     try:
-        detail = resp.json()
-        err = detail.get("error", detail) if isinstance(detail, dict) else detail
-        msg = err.get("message", err) if isinstance(err, dict) else err
+        err = ApiError.from_body(resp.status_code, resp.json())
     except ValueError:
-        msg = resp.text[:500]
-    text = f"{name}: HTTP {resp.status_code}: {msg}"
+        err = ApiError(resp.status_code, resp.text[:500])
+    text = f"{name}: HTTP {resp.status_code}: {err.message}"
     if resp.status_code in _INVALID_STATUS:
         return InvalidRequestError(text)
     return EndpointFailedError(text)
-
-
-def _first_choice(name: str, data: str) -> tuple[dict[str, Any] | None, int | None]:
-    try:
-        chunk = json.loads(data)
-    except ValueError:
-        raise EndpointFailedError(f"{name}: malformed SSE data: {data[:200]!r}") from None
-    if isinstance(chunk, dict) and "error" in chunk:  # some servers report errors in-stream
-        raise EndpointFailedError(f"{name}: server error mid-stream: {chunk['error']}")
-    choices = chunk.get("choices") if isinstance(chunk, dict) else None
-    tag = chunk.get("disco") if isinstance(chunk, dict) else None
-    token_id = tag.get("token_id") if isinstance(tag, dict) else None
-    return (choices[0] if choices else None), token_id
-
-
-def _split(choice: dict[str, Any]) -> list[tuple[str, bool]]:
-    """The chunk's text as (token text, is-last) pairs."""
-    text = choice.get("text") or ""
-    lp = choice.get("logprobs") or {}
-    pieces = lp.get("tokens") if isinstance(lp, dict) else None
-    if pieces and len(pieces) > 1 and "".join(pieces) == text:
-        return [(p, i == len(pieces) - 1) for i, p in enumerate(pieces)]
-    # An empty text is still a token (e.g. half of a multi-byte character): keep indices aligned.
-    return [(text, True)]

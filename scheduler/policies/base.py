@@ -20,7 +20,9 @@ class PolicyConfig:
     regime: Regime = Regime.SERVER_CONSTRAINED
     budget: float = 0.5  # share b of prompt tokens the constrained endpoint may prefill
     migration: bool = True
-    window: int = 2000  # requests in the sliding window of online estimates
+    # Requests in the sliding window of online estimates and of the budget (spent share <= b
+    # over the last `window` observed requests, plus those in flight).
+    window: int = 2000
     recompute_every: int = 100  # recompute thresholds / wait times every N observations
     seed: int = 0
     # [R] DiSCo-D protects this TTFT quantile first ("tail protection"), then spends the rest of
@@ -48,6 +50,11 @@ class PolicyConfig:
             raise ValueError(f"budget must be in [0, 1], got {self.budget}")
         if self.window <= 0 or self.recompute_every <= 0:
             raise ValueError("window and recompute_every must be > 0")
+        if self.recompute_every > self.window:
+            raise ValueError(
+                f"recompute_every ({self.recompute_every}) must be <= window ({self.window}): "
+                "the window holds the budget of at least one recompute period"
+            )
 
 
 @runtime_checkable

@@ -53,7 +53,8 @@ class Observation:
 
 
 class Window:
-    """Ring buffer of the last ``size`` observations, as numpy arrays."""
+    """Ring buffer of the last ``size`` observations, as numpy arrays, with running totals of
+    prompt tokens (``l_sum``) and constrained spend (``spent_sum``): the sliding budget window."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -63,6 +64,8 @@ class Window:
         self.spent = np.zeros(size)
         self.ts = np.full(size, np.nan)
         self.exact = np.zeros(size, dtype=bool)
+        self.l_sum = 0.0
+        self.spent_sum = 0.0
 
     def add(self, lengths, out, spent, ts, exact) -> None:
         lengths = np.atleast_1d(np.asarray(lengths, dtype=float))
@@ -76,9 +79,29 @@ class Window:
         self.ts[idx] = np.atleast_1d(ts)[sl]
         self.exact[idx] = np.atleast_1d(exact)[sl]
         self.n += k
+        # Exact totals (no drift): a sum over <= size entries per add of a chunk.
+        w = self.view()
+        self.l_sum = float(self.l[w].sum())
+        self.spent_sum = float(self.spent[w].sum())
 
     def view(self) -> slice:
         return slice(0, min(self.n, self.size))
+
+    def newest_sums(self, k: int) -> tuple[float, float]:
+        """(prompt tokens, spend) of the newest ``k`` observations."""
+        k = max(0, min(k, self.n, self.size))
+        if k == 0:
+            return 0.0, 0.0
+        idx = (self.n - 1 - np.arange(k)) % self.size
+        return float(self.l[idx].sum()), float(self.spent[idx].sum())
+
+    def departing(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt tokens, spend) of the entries that the next ``k`` adds push out of the window
+        (0 while it is not full); ``k`` <= size."""
+        j = np.arange(k)
+        full = self.n + j >= self.size
+        idx = (self.n + j) % self.size
+        return np.where(full, self.l[idx], 0.0), np.where(full, self.spent[idx], 0.0)
 
 
 class KaplanMeier:
@@ -97,10 +120,6 @@ class KaplanMeier:
             return np.ones_like(p)
         idx = np.searchsorted(self.t, p, side="right")  # observations <= point
         return np.where(idx == 0, 1.0, self.surv[np.maximum(idx - 1, 0)])
-
-
-def km_survival(times: np.ndarray, exact: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    return KaplanMeier(times, exact)(grid)
 
 
 class OutputEstimator:
@@ -149,6 +168,7 @@ class WindowPolicy:
         self.window = Window(config.window)
         self.outputs = OutputEstimator()
         self.rng = np.random.default_rng(config.seed)
+        # Lifetime totals (reports); the budget counts the sliding window (``budget_seen``).
         self.seen_tokens = 0.0  # prompt tokens of every observed request
         self.spent_tokens = 0.0  # of those, prefilled by the constrained endpoint
         self._since_recompute = 0
@@ -172,6 +192,16 @@ class WindowPolicy:
     def budget(self) -> float:
         return self.config.budget
 
+    @property
+    def budget_seen(self) -> float:
+        """Prompt tokens of the observed requests the budget counts: the sliding window."""
+        return self.window.l_sum
+
+    @property
+    def budget_spent(self) -> float:
+        """Of those, what the constrained endpoint prefilled."""
+        return self.window.spent_sum
+
     def unconstrained_only(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         zero, never = np.zeros(n), np.full(n, NEVER)
         return (never, zero) if self.constrained is EndpointKind.SERVER else (zero, never)
@@ -191,8 +221,8 @@ class WindowPolicy:
         """Budget guard for one request (see module doc); the batch path runs the same rule."""
         if not self.guarded or self.budget >= 1.0:
             return True
-        seen = self.seen_tokens + self.inflight_seen + prompt_tokens
-        spent = self.spent_tokens + self.inflight_spent + prompt_tokens
+        seen = self.budget_seen + self.inflight_seen + prompt_tokens
+        spent = self.budget_spent + self.inflight_spent + prompt_tokens
         return spent <= (self.budget + GUARD_SLACK) * seen
 
     def expected_output_tokens(self, prompt_tokens: np.ndarray | float) -> np.ndarray:
@@ -289,28 +319,37 @@ def budget_guard_scan(
     seen0: float,
     spent0: float,
     budget: float,
+    drop_seen: np.ndarray | None = None,
+    drop_spent: np.ndarray | None = None,
 ) -> np.ndarray:
     """Batch twin of ``WindowPolicy.guard_allows`` over a chunk, observations applied in order.
 
     ``spend_if_used``: what request i spends on the constrained endpoint if allowed (known to the
-    simulator from its world). Returns the allowed mask. Vectorised when the guard never binds.
+    simulator from its world). ``seen0``/``spent0``: the budget window's totals before the chunk;
+    ``drop_seen``/``drop_spent``: what leaves the window as each of the chunk's observations
+    enters it (``Window.departing``). Returns the allowed mask. Vectorised when the guard never
+    binds.
     """
     if budget >= 1.0:
         return want.copy()
+    k = lengths.size
+    ds = np.zeros(k) if drop_seen is None else np.asarray(drop_seen, dtype=float)
+    dp = np.zeros(k) if drop_spent is None else np.asarray(drop_spent, dtype=float)
     cap_rate = budget + GUARD_SLACK
     spend = np.where(want, spend_if_used, 0.0)
-    seen_before = seen0 + np.concatenate(([0.0], np.cumsum(lengths)[:-1]))
-    spent_before = spent0 + np.concatenate(([0.0], np.cumsum(spend)[:-1]))
+    seen_before = seen0 + np.concatenate(([0.0], np.cumsum(lengths - ds)[:-1]))
+    spent_before = spent0 + np.concatenate(([0.0], np.cumsum(spend - dp)[:-1]))
     ok = spent_before + lengths <= cap_rate * (seen_before + lengths)
     if np.all(ok | ~want):
         return want.copy()
     allowed = want.copy()
     seen, spent = seen0, spent0
-    for i in range(lengths.size):  # rare: the guard binds somewhere in this chunk
+    for i in range(k):  # rare: the guard binds somewhere in this chunk
         li = float(lengths[i])
         if allowed[i] and spent + li > cap_rate * (seen + li):
             allowed[i] = False
         if allowed[i]:
             spent += float(spend_if_used[i])
-        seen += li
+        spent -= float(dp[i])
+        seen += li - float(ds[i])
     return allowed

@@ -59,7 +59,7 @@ class DiSCo(WindowPolicy):
         self.edges = np.zeros(0)  # DiSCo-D: one bucket, never hedge before data
         self.waits = np.array([np.inf])
         self.tail_target: float | None = None
-        self._feedback_origin: tuple[float, float] | None = None
+        self._origin: tuple[float, float] | None = None  # (seen, spent) at the first fit
 
     # --- online budget ------------------------------------------------------------------
     def _effective_budget(self) -> float:
@@ -69,22 +69,29 @@ class DiSCo(WindowPolicy):
             return b
         mean_l = float(self.window.l[w].mean())
         horizon = self.config.feedback_horizon * self.config.recompute_every * mean_l
-        if self._feedback_origin is None:
+        if self._origin is None:
             # [R] The deficit counts from the first recompute: the requests before it had no
             # learned state to spend with, and repaying them in one period overshoots the guard.
-            self._feedback_origin = (
-                (self.seen_tokens, self.spent_tokens) if self.config.feedback_from_first_fit else (0.0, 0.0)
+            self._origin = (
+                (self.seen_tokens, self.spent_tokens)
+                if self.config.feedback_from_first_fit
+                else (0.0, 0.0)
             )
-        seen0, spent0 = self._feedback_origin
+        # [R] Integral feedback on the deficit since then, so the spent share converges to b
+        # (a deficit over the sliding window alone leaves a steady offset); the guard and the
+        # cap below hold the sliding window itself to b.
+        seen0, spent0 = self._origin
         deficit = b * (self.seen_tokens - seen0) - (self.spent_tokens - spent0)
         b_eff = b + deficit / horizon
         if self.config.guard_headroom < 1.0:
-            # [R] Stay clear of the budget guard: plan the next period so that the cumulative
+            # [R] Stay clear of the budget guard: plan the next period so that the window's
             # share would end at most guard_headroom x GUARD_SLACK over b. A guard that binds
             # refuses requests in arrival order, tail-critical ones included.
             period = self.config.recompute_every * mean_l
             cap = b + GUARD_SLACK * self.config.guard_headroom
-            b_eff = min(b_eff, (cap * (self.seen_tokens + period) - self.spent_tokens) / period)
+            b_eff = min(
+                b_eff, (cap * (self.budget_seen + period) - self.budget_spent) / period
+            )
         return float(np.clip(b_eff, 0.0, 1.0))
 
     def _recompute(self) -> None:

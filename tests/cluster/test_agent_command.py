@@ -14,9 +14,10 @@ import time
 
 import httpx
 import pytest
+from needs import missing, require
 
-pytest.importorskip("llama_cpp")
-openai = pytest.importorskip("openai")
+require("llama_cpp")
+openai = require("openai")
 
 from disco.cluster.runtime import free_port  # noqa: E402
 from disco.device_agents.models import ModelUnavailableError, resolve_model  # noqa: E402
@@ -27,7 +28,7 @@ def agent_url():
     try:
         resolve_model("smollm2-135m")
     except ModelUnavailableError as e:
-        pytest.skip(str(e))
+        missing(str(e))
     port = free_port()
     cmd = [
         sys.executable, "-m", "disco.cluster.cli", "agent", "--server", "http://127.0.0.1:9",

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from needs import missing
 
 from disco.cluster import cli
 from disco.cluster.commands import bench
@@ -16,8 +17,14 @@ def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name in ("sim", "bench"):
+    for name in cli.COMMANDS:
         assert name in out
+
+
+def test_a_subcommand_that_fails_to_import_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(cli.COMMANDS, "broken", "no_such_command_module")
+    with pytest.raises(ModuleNotFoundError, match="no_such_command_module"):
+        cli.build_parser()
 
 
 def test_no_subcommand_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -34,7 +41,7 @@ def test_unknown_subcommand_exits_2() -> None:
 def test_bench_list_and_unknown(capsys: pytest.CaptureFixture[str]) -> None:
     names = bench.available()
     if not names:
-        pytest.skip("no bench scripts in this checkout")
+        missing("no bench scripts in this checkout")
     assert cli.main(["bench", "list"]) == 0
     assert names[0] in capsys.readouterr().out
     assert cli.main(["bench", "no-such-bench"]) == 2

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from needs import require
 
 from disco.cluster.cli import main
 from disco.cluster.config import (
@@ -78,7 +79,7 @@ def test_missing_file_is_a_config_error(tmp_path):
 
 
 def test_app_builder_accepts_the_serve_yaml_args():
-    pytest.importorskip("ray.serve")
+    require("ray.serve")
     from disco.cluster.serve_app import app_builder, deployment_options
 
     doc = yaml.safe_load((DEPLOY / "serve.yaml").read_text())

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from needs import require
 
-ray = pytest.importorskip("ray")
+ray = require("ray")
 
 from disco.cluster import device_actors  # noqa: E402
 from disco.cluster.config import (  # noqa: E402

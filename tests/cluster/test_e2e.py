@@ -13,10 +13,11 @@ import time
 
 import httpx
 import pytest
+from needs import missing, require
 
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
-pytest.importorskip("llama_cpp")
+ray = require("ray")
+serve = require("ray.serve")
+require("llama_cpp")
 
 from disco.cluster.config import (  # noqa: E402
     AgentConfig,
@@ -39,7 +40,7 @@ def testbed(tmp_path_factory):
     try:
         resolve_model("smollm2-135m")
     except ModelUnavailableError as e:
-        pytest.skip(str(e))
+        missing(str(e))
     prof = tmp_path_factory.mktemp("profiles") / "server.json"
     prof.write_text(json.dumps({
         "kind": "server", "name": "test-steady",

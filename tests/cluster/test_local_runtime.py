@@ -12,9 +12,10 @@ from dataclasses import replace
 
 import httpx
 import pytest
+from needs import require
 
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
+ray = require("ray")
+serve = require("ray.serve")
 
 from disco.cluster.config import SchedulerConfig, ServerConfig  # noqa: E402
 from disco.cluster.planner_client import ActorPlanner  # noqa: E402
@@ -92,7 +93,7 @@ def test_prefix_resume_continues_the_same_text(server):
 
 
 def test_official_openai_client_streams(server):
-    openai = pytest.importorskip("openai")
+    openai = require("openai")
     url, _ = server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
     stream = client.completions.create(model="disco-server", prompt="Hi", max_tokens=5, stream=True)
@@ -232,6 +233,9 @@ class _Engine:
         self.streams.append(_Events(self.n, self.fail))
         return self.streams[-1]
 
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
 
 def _replica(engine=None, **cfg):
     from dataclasses import asdict
@@ -267,7 +271,7 @@ def _request(chunks, headers=()):
 
 
 async def test_a_body_without_length_is_read_only_up_to_the_cap():
-    from disco.cluster.openai_wire import ApiError
+    from disco.scheduler.wire import ApiError
 
     replica = _replica(max_body_bytes=4096)
     sent = []
@@ -286,8 +290,8 @@ async def test_a_body_without_length_is_read_only_up_to_the_cap():
 # (a failure after the SSE headers went out is the SSE generator's, which closes the stream)
 @pytest.mark.parametrize(("stream", "n_before_failure"), [(False, 0), (True, 0), (False, 2)])
 async def test_the_engine_stream_is_closed_when_the_request_fails(stream, n_before_failure):
-    from disco.cluster.openai_wire import ApiError
     from disco.scheduler.endpoint import EndpointFailedError
+    from disco.scheduler.wire import ApiError
 
     engine = _Engine(n_before_failure, EndpointFailedError("engine died"))
     replica = _replica(engine)
@@ -307,6 +311,21 @@ async def test_the_engine_stream_is_closed_after_a_whole_completion():
     assert engine.streams[0].closed >= 1
 
 
+async def test_usage_counts_the_prompt_with_the_engine_not_the_hint():
+    replica = _replica(_Engine(3, None))
+    body = {"prompt": "one two three", "max_tokens": 5, "prompt_tokens_hint": 99}
+    out = await replica.completions(_request([json.dumps(body).encode(), b""]))
+    assert out["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+
+
+async def test_the_chat_route_answers_in_the_chat_shape():
+    replica = _replica(_Engine(2, None))
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    out = await replica.chat_completions(_request([json.dumps(body).encode(), b""]))
+    assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-")
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": "tt"}
+
+
 async def test_handle_generate_closes_the_engine_stream_on_a_first_token_failure():
     from disco.scheduler.endpoint import EndpointFailedError
 
@@ -314,6 +333,59 @@ async def test_handle_generate_closes_the_engine_stream_on_a_first_token_failure
     replica = _replica(engine)
     out = [c async for c in replica.generate({"prompt": "hi", "max_tokens": 5})]
     assert out[0]["status"] == 503 and engine.streams[0].closed >= 1
+
+
+class _LocalHandle:
+    """A DeploymentHandle stand-in: ``options(stream=True).generate.remote(body)`` iterates the
+    in-process replica's ``generate`` (what Serve would run in the replica)."""
+
+    def __init__(self, replica) -> None:
+        self.replica, self.cancelled = replica, 0
+
+    def options(self, stream: bool):
+        assert stream
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, body):
+        outer, gen = self, self.replica.generate(body)
+
+        class Response:
+            def __aiter__(self):
+                return gen
+
+            def cancel(self):
+                outer.cancelled += 1
+
+        return Response()
+
+
+async def test_the_handle_endpoint_reads_the_replicas_chunks():
+    from disco.cluster.handle_endpoint import ServeHandleEndpoint
+    from disco.scheduler.endpoint import (
+        EndpointFailedError,
+        GenerationRequest,
+        InvalidRequestError,
+    )
+
+    handle = _LocalHandle(_replica())
+    ep = ServeHandleEndpoint(handle, "disco-server")
+    req = GenerationRequest("Hi", 4, prefix="so far", start_index=3)
+    events = [ev async for ev in ep.stream(req)]
+    assert [e.index for e in events] == [3, 4, 5, 6] and all(e.text for e in events)
+    assert events[-1].finish_reason == "length" and handle.cancelled == 1
+    with pytest.raises(InvalidRequestError, match="context"):  # the replica's 400
+        await anext(ep.stream(GenerationRequest("Hi", 4, prompt_tokens_hint=100_000)))
+    failing = _replica(_Engine(2, EndpointFailedError("x")))
+    broken = ServeHandleEndpoint(_LocalHandle(failing), "disco-server")
+    got = []
+    with pytest.raises(EndpointFailedError, match="x"):
+        async for ev in broken.stream(GenerationRequest("Hi", 4)):
+            got.append(ev)
+    assert len(got) == 2
 
 
 # ---- scheduler actor --------------------------------------------------------------------------

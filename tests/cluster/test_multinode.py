@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from needs import require
 
-ray = pytest.importorskip("ray")
-cluster_utils = pytest.importorskip("ray.cluster_utils")
+ray = require("ray")
+cluster_utils = require("ray.cluster_utils")
 
 from disco.cluster.config import (  # noqa: E402
     FleetConfig,

@@ -19,6 +19,7 @@ from disco.device_agents.agent_http import (
 from disco.device_agents.coordinator import Coordinator
 from disco.device_agents.local_planner import StaticPlanner
 from disco.scheduler.types import EndpointKind
+from disco.scheduler.wire import DEFAULT_MAX_TOKENS, ApiError, SSEDecoder, Usage, parse_request
 
 S, D = EndpointKind.SERVER, EndpointKind.DEVICE
 
@@ -37,7 +38,7 @@ def make_agent(server_script=None, device_script=None):
 def served():
     agent = make_agent()
     srv = BackgroundServer(
-        create_app(agent, HttpConfig(max_body_bytes=4096, max_tokens_cap=64, default_max_tokens=16))
+        create_app(agent, HttpConfig(max_body_bytes=4096, max_tokens_cap=64))
     )
     url = srv.start()
     yield url, agent
@@ -60,7 +61,8 @@ def test_openai_client_streams_a_completion(served):
     )
     assert len(chunks) == 12
     assert "".join(c.choices[0].text for c in chunks) == "".join(f"s{i} " for i in range(12))
-    assert [c.model_extra["disco"]["index"] for c in chunks] == list(range(12))
+    tags = [c.model_extra["disco"] for c in chunks]
+    assert tags == [{"index": i, "source": "server", "token_id": None} for i in range(12)]
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
@@ -75,6 +77,43 @@ def test_openai_client_streams_a_chat_completion(served):
     assert text == "".join(f"s{i} " for i in range(20))  # the script stops at 20 tokens
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_usage_is_the_agents_count_and_max_tokens_has_the_wire_default(served):
+    url, agent = served
+    body = {"prompt": "one two three four five six seven eight", "stream": True,
+            "prompt_tokens_hint": 999, "stream_options": {"include_usage": True}}  # fmt: skip
+    chunks, done = [], False
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=10) as r:
+        dec = SSEDecoder()
+        for line in r.iter_lines():
+            c = dec.feed(line)
+            done = done or bool(c and c.done)
+            if c is not None and not c.done:
+                chunks.append(c)
+    assert done and sum(len(c.tokens) for c in chunks) == DEFAULT_MAX_TOKENS
+    expected = agent.count_tokens(body["prompt"])
+    assert chunks[-1].usage == Usage(expected, DEFAULT_MAX_TOKENS) and expected != 999
+
+
+def test_a_resume_through_the_agent_starts_at_its_index(served):
+    url, _ = served
+    body = {"prompt": "p", "prefix": "s0 s1 s2 ", "start_index": 3, "max_tokens": 2}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=10)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "s3 s4 "
+
+
+@pytest.mark.parametrize("field,value", [("top_p", 0), ("top_p", 1.5), ("temperature", -1)])
+def test_the_agent_refuses_as_the_one_parser_does(served, field, value):
+    """One parser: what the Serve app refuses, the agent refuses first, with the same message,
+    so no bad request reaches the server as a 'server failure'."""
+    url, _ = served
+    body = {"prompt": "x", "max_tokens": 4, field: value}
+    with pytest.raises(ApiError) as e:
+        parse_request(body)
+    r = httpx.post(url + "/v1/completions", json=body, timeout=10)
+    assert (r.status_code, e.value.status) == (400, 400)
+    assert r.json() == e.value.body() and field in e.value.message
 
 
 def test_non_streaming_completion_and_chat(served):
@@ -211,7 +250,9 @@ def test_no_endpoint_left_gives_503_not_500():
             r = httpx.post(
                 url + "/v1/completions", json={"prompt": "x", "stream": stream}, timeout=10
             )
-            assert r.status_code == 503 and "failed" in r.json()["error"]["message"]
+            err = r.json()["error"]
+            assert r.status_code == 503 and "failed" in err["message"]
+            assert (err["type"], err["code"]) == ("server_error", "engine_failed")
     finally:
         srv.stop()
     assert agent.metrics.failed == 2

