@@ -111,7 +111,7 @@ class RunResult:
 async def shard_run(streams: int, tokens: int, spread: float, profile: str, seed: int) -> Shard:
     cpu0 = time.process_time()
     fleet = EmulatedFleet(
-        FleetConfig(n_devices=streams, device_profiles=(profile,), seed=seed),
+        FleetConfig(devices=streams, profiles=(profile,), seed=seed),
         planner=StaticPlanner(server_start=None, device_start=0.0),
     )
     schedules: dict[str, np.ndarray] = {}

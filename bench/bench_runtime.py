@@ -197,7 +197,7 @@ class CallerActor:
     """A separate process calling the scheduler, like an emulated fleet does."""
 
     def __init__(self, scheduler: Any) -> None:
-        self.planner = ActorPlanner(scheduler, timeout_s=30)
+        self.planner = ActorPlanner(scheduler)
 
     async def run(self, concurrency: int, seconds: float, tag: str) -> int:
         return await _callers(self.planner.plan, concurrency, seconds, tag)
@@ -289,7 +289,7 @@ async def measure_scheduler(seconds: float) -> list[dict]:
         rows.append({"mode": "one Ray call per decision", "callers": f"{conc} coroutines, 1 process",
                      "rate": n / (time.perf_counter() - t0)})  # fmt: skip
     for conc in (100, 1000):
-        planner = ActorPlanner(actor, timeout_s=30)
+        planner = ActorPlanner(actor)
         t0 = time.perf_counter()
         n = await _callers(planner.plan, conc, seconds, f"b{conc}")
         rows.append({"mode": "ActorPlanner micro-batching", "callers": f"{conc} coroutines, 1 process",

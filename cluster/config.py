@@ -3,7 +3,14 @@
 One YAML file maps onto :class:`TestbedConfig`; every section is optional and has defaults that
 run on a laptop (local Ray, one emulated server replica, no fleet). Loading is strict: an unknown
 key or a value of the wrong type raises :class:`ConfigError` naming the dotted path, so a typo in
-a config never silently falls back to a default.
+a config never silently falls back to a default; a section given in part keeps the defaults of
+the keys it leaves out.
+
+The device side's sections are the device side's own classes (``disco.device_agents.config``):
+``fleet`` is a :class:`FleetConfig`, ``agent`` an :class:`AgentConfig`, ``fleet.network`` a
+:class:`NetworkConfig` and ``server.http`` / ``agent.http`` an :class:`HttpConfig`; this module
+adds what only the cluster has (Ray, the Serve deployment, the scheduler actor). Every key, its
+unit and its default: cluster/deploy/README.md.
 """
 
 from __future__ import annotations
@@ -17,7 +24,11 @@ from typing import Any, TypeVar
 
 import yaml
 
+from disco.device_agents.config import AgentConfig, FleetConfig, HttpConfig, NetworkConfig
+
 T = TypeVar("T")
+# The Serve app's key when server.http.api_key is not set (read in the replicas' environment).
+SERVER_API_KEY_ENV = "DISCO_SERVER_API_KEY"
 
 
 class ConfigError(ValueError):
@@ -62,24 +73,6 @@ class AutoscalingConfig:
 
 
 @dataclass(frozen=True)
-class HttpConfig:
-    host: str = "127.0.0.1"  # never all interfaces unless asked
-    port: int = 8000  # 0: pick a free port at start
-    # "HeadOnly": one HTTP proxy (also what several nodes on one machine need: they share an
-    # address); "EveryNode": a proxy per node, for a real multi-machine cluster.
-    proxy_location: str = "HeadOnly"
-
-    def __post_init__(self) -> None:
-        if self.proxy_location not in ("HeadOnly", "EveryNode", "Disabled"):
-            raise ConfigError(
-                f"server.http.proxy_location must be HeadOnly, EveryNode or Disabled, "
-                f"got {self.proxy_location!r}"
-            )
-        if not 0 <= self.port < 65536:
-            raise ConfigError(f"server.http.port must be in 0..65535, got {self.port}")
-
-
-@dataclass(frozen=True)
 class ServerConfig:
     """The Ray Serve deployment that hosts one server engine per replica."""
 
@@ -99,13 +92,19 @@ class ServerConfig:
     # 0: every token is its own SSE chunk, sent at once. > 0: coalesce chunks over this interval,
     # as Ray Serve LLM does by default (50 ms); kept only to measure what it costs.
     stream_batching_interval_ms: float = 0.0
-    max_body_bytes: int = 1_000_000
-    max_tokens_limit: int = 4096
-    # When set (or DISCO_SERVER_API_KEY is), every request must carry "Authorization: Bearer KEY".
-    api_key: str | None = None
-    http: HttpConfig = field(default_factory=HttpConfig)
+    # Serve's HTTP proxy (host, port) and the app's limits and key; the key may also come from
+    # DISCO_SERVER_API_KEY in the replicas' environment.
+    http: HttpConfig = field(default_factory=lambda: HttpConfig(port=8000))
+    # "HeadOnly": one HTTP proxy (also what several nodes on one machine need: they share an
+    # address); "EveryNode": a proxy per node, for a real multi-machine cluster.
+    proxy_location: str = "HeadOnly"
 
     def __post_init__(self) -> None:
+        if self.proxy_location not in ("HeadOnly", "EveryNode", "Disabled"):
+            raise ConfigError(
+                f"server.proxy_location must be HeadOnly, EveryNode or Disabled, "
+                f"got {self.proxy_location!r}"
+            )
         if not self.engine:
             raise ConfigError("server.engine must be a non-empty engine name")
         if self.num_replicas < 1:
@@ -114,8 +113,6 @@ class ServerConfig:
             raise ConfigError("server.max_ongoing_requests must be >= 1")
         if self.stream_batching_interval_ms < 0:
             raise ConfigError("server.stream_batching_interval_ms must be >= 0")
-        if self.max_tokens_limit < 1 or self.max_body_bytes < 1024:
-            raise ConfigError("server.max_tokens_limit must be >= 1 and max_body_bytes >= 1024")
 
 
 @dataclass(frozen=True)
@@ -153,75 +150,6 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
-class NetworkConfig:
-    """Per-device delay injected on the server path of emulated devices (the last hop)."""
-
-    rtt_ms: float = 50.0
-    jitter_ms: float = 10.0
-    # constant | normal | exponential | lognormal | pareto (disco.device_agents.network)
-    distribution: str = "lognormal"
-
-    def __post_init__(self) -> None:
-        if self.rtt_ms < 0 or self.jitter_ms < 0:
-            raise ConfigError("fleet.network: rtt_ms and jitter_ms must be >= 0")
-
-
-@dataclass(frozen=True)
-class FleetConfig:
-    """Emulated devices, hosted `devices_per_actor` to a Ray actor."""
-
-    devices: int = 0
-    devices_per_actor: int = 500
-    profiles: list[str] = field(default_factory=lambda: ["xiaomi14-qwen0.5b"])  # cycled
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-    time_scale: float = 1.0  # < 1 replays the device profiles faster (tests)
-    # How devices reach the server: "handle" (a Serve DeploymentHandle, no HTTP proxy hop),
-    # "http" (the Serve app's OpenAI API, as an edge box would), or "emulated" (an in-process
-    # emulated server of scheduler.server_profile in each fleet actor: no Serve, for scale).
-    server: str = "handle"
-    seed: int = 0
-    num_cpus: float = 0.0
-    resources: dict[str, float] = field(default_factory=dict)  # e.g. {"disco_device": 0.01}
-
-    def __post_init__(self) -> None:
-        if self.devices < 0 or self.devices_per_actor < 1:
-            raise ConfigError("fleet.devices must be >= 0 and fleet.devices_per_actor >= 1")
-        if self.devices and not self.profiles:
-            raise ConfigError("fleet.profiles must name at least one device profile")
-        if self.server not in ("handle", "http", "emulated"):
-            raise ConfigError(
-                f"fleet.server must be 'handle', 'http' or 'emulated', got {self.server!r}"
-            )
-        if self.time_scale < 0:
-            raise ConfigError("fleet.time_scale must be >= 0")
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    """A real llama.cpp device agent (an HTTP server) started as a Ray actor."""
-
-    enabled: bool = False
-    # A GGUF path or a bundled model name ("smollm2-135m", "gemma3-270m"); None: the default.
-    model: str | None = None
-    engine: str = "llamacpp"
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    device_id: str = "agent-0"
-    device_profile: str | None = None  # for migration estimates; None: scheduler.device_profile
-    server: str = "handle"  # "handle" (Serve DeploymentHandle) or "http" (the OpenAI API)
-    host: str = "127.0.0.1"
-    port: int = 0  # 0: a free port
-    api_key: str | None = None
-    num_cpus: float = 1.0
-    resources: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.server not in ("handle", "http"):
-            raise ConfigError(f"agent.server must be 'handle' or 'http', got {self.server!r}")
-        if not 0 <= self.port < 65536:
-            raise ConfigError(f"agent.port must be in 0..65535, got {self.port}")
-
-
-@dataclass(frozen=True)
 class TestbedConfig:
     __test__ = False  # not a pytest test class
 
@@ -254,8 +182,9 @@ def load_config(path: str | Path) -> TestbedConfig:
         raise ConfigError(f"{p}: {e}") from None
 
 
-def from_dict(cls: type[T], data: Any, where: str = "") -> T:
-    """Build dataclass ``cls`` from plain data, checking keys and types recursively."""
+def from_dict(cls: type[T], data: Any, where: str = "", base: T | None = None) -> T:
+    """Build dataclass ``cls`` from plain data, checking keys and types recursively; keys that
+    ``data`` leaves out keep ``base``'s values (a nested section: its field's default)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -266,16 +195,27 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
             f"{where or 'config'}: unknown key(s) {', '.join(map(str, unknown))} "
             f"(known: {', '.join(fields)})"
         )
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    kwargs = {
+        k: _coerce(hints[k], v, f"{where}.{k}" if where else k, _default(fields[k]))
+        for k, v in data.items()
+    }
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}" if where else str(e)) from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where or 'config'}: {e}") from None
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _coerce(tp: Any, value: Any, where: str, default: Any = None) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -284,21 +224,22 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return None
             raise ConfigError(f"{where}: must not be null")
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where) if len(inner) == 1 else value
+        return _coerce(inner[0], value, where, default) if len(inner) == 1 else value
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
+        return from_dict(tp, value, where, default if isinstance(default, tp) else None)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         _, vt = typing.get_args(tp)
         return {str(k): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
-    if origin is list:
+    if origin in (list, tuple):  # tuple[X, ...]: a list in YAML
         if isinstance(value, str):
             value = [s.strip() for s in value.split(",") if s.strip()]
-        if not isinstance(value, list):
+        if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        (it,) = typing.get_args(tp)
-        return [_coerce(it, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        it = typing.get_args(tp)[0]
+        items = [_coerce(it, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
     if tp is Any:
         return value
     if tp is bool:
@@ -323,3 +264,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain data (for YAML dumps and for shipping a config to a Ray actor)."""
     return dataclasses.asdict(cfg)
+
+
+__all__ = [
+    "AgentConfig", "AutoscalingConfig", "ConfigError", "FleetConfig", "HttpConfig",
+    "NetworkConfig", "RayConfig", "SERVER_API_KEY_ENV", "SchedulerConfig", "ServerConfig", "TestbedConfig",
+    "from_dict", "load_config", "to_dict",
+]  # fmt: skip

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import replace
 from typing import Any
 
 import ray
 
-from disco.cluster.config import AgentConfig, FleetConfig, TestbedConfig, to_dict
+from disco.cluster.config import AgentConfig, FleetConfig, HttpConfig, TestbedConfig, to_dict
 from disco.cluster.planner_client import ActorPlanner
 from disco.cluster.resolve import build_engine
 from disco.scheduler.endpoint import Endpoint
@@ -60,22 +61,31 @@ def build_agent(
     planner: Planner,
     server_profile: ServerProfile,
     device_profile: DeviceProfile,
-    device_id: str,
+    config: AgentConfig,
 ) -> Any:
-    """A DeviceAgent (coordinator + planner) over the two endpoints."""
-    from disco.device_agents.agent import AgentConfig as DeviceAgentConfig
+    """A DeviceAgent (coordinator + planner) over the two endpoints; the planner's
+    ``fallback`` (an ActorPlanner's local copy of the scheduler's policy) covers for it."""
     from disco.device_agents.agent import DeviceAgent
     from disco.device_agents.coordinator import Coordinator
 
     coord = Coordinator(server, device, server_profile, device_profile)
-    return DeviceAgent(coord, planner, DeviceAgentConfig(device_id=device_id))
+    return DeviceAgent(coord, planner, config)
+
+
+def build_device_engine(cfg: AgentConfig) -> Endpoint:
+    """The agent's device engine (``cfg.engine`` with ``cfg.engine_kwargs``; a llama.cpp engine
+    loads ``cfg.model``, None: the small device model)."""
+    kwargs = dict(cfg.engine_kwargs)
+    if cfg.engine == "llamacpp":
+        kwargs.setdefault("model", cfg.model)
+    return build_engine(cfg.engine, kwargs)
 
 
 # ---- emulated fleet ------------------------------------------------------------------------------
 
 
 class FleetActor:
-    """Hosts ``n_devices`` emulated devices (``disco.device_agents.fleet.EmulatedFleet``).
+    """Hosts ``devices`` emulated devices (``disco.device_agents.fleet.EmulatedFleet``).
 
     Every public method of the fleet is forwarded; ``stream`` is a streaming actor method
     (call it with ``.options(num_returns="streaming")``).
@@ -85,8 +95,8 @@ class FleetActor:
         self,
         fleet: dict[str, Any],
         index: int,
-        n_devices: int,
-        server_profile: str,
+        devices: int,
+        scheduler_cfg: dict[str, Any],
         server_url: str | None,
         model_name: str,
         scheduler: Any,
@@ -94,34 +104,27 @@ class FleetActor:
     ) -> None:
         from disco.cluster.config import from_dict
         from disco.device_agents.fleet import EmulatedFleet
-        from disco.device_agents.fleet import FleetConfig as DeviceFleetConfig
-        from disco.device_agents.network import NetworkConfig
 
         cfg = from_dict(FleetConfig, fleet, "fleet")
         if cfg.server == "handle":
             require_handle("fleet", server_handle)
-        net = cfg.network
-        dcfg = DeviceFleetConfig(
-            n_devices=n_devices,
-            device_profiles=tuple(cfg.profiles),
-            server_profile=server_profile,
-            network=NetworkConfig(
-                rtt_s=net.rtt_ms / 1000.0,
-                jitter_s=net.jitter_ms / 1000.0,
-                distribution=net.distribution,
-                seed=cfg.seed + 100_000 * index,
-            ),
-            time_scale=cfg.time_scale,
-            seed=cfg.seed + 100_000 * index,
-            id_prefix=f"fleet{index}",
-        )
+        # This actor's share of the fleet; device i of actor k draws from seed + 100,000 k + i.
+        cfg = replace(cfg, devices=devices, seed=cfg.seed + 100_000 * index)
         server = None  # "emulated": the fleet's own in-process server
         if cfg.server == "handle":
             server = server_endpoint("", model_name, handle=server_handle)
         elif cfg.server == "http":
             server = server_endpoint(server_url or "", model_name)
-        self.planner = ActorPlanner(scheduler) if scheduler is not None else None
-        self.fleet = EmulatedFleet(dcfg, planner=self.planner, server=server)
+        self.planner = None
+        if scheduler is not None:
+            self.planner = ActorPlanner(scheduler, config=scheduler_cfg)
+        self.fleet = EmulatedFleet(
+            cfg,
+            planner=self.planner,
+            server=server,
+            server_profile=scheduler_cfg["server_profile"],
+            id_prefix=f"fleet{index}",
+        )
 
     def device_ids(self) -> list[str]:
         return self.fleet.device_ids()
@@ -160,12 +163,16 @@ class FleetHttpActor(FleetActor):
     _http_task: asyncio.Task | None = None
 
     async def serve_http(self, host: str = "127.0.0.1", port: int = 0) -> list[str]:
-        """Start the HTTP front on the actor's event loop; returns one base URL per device."""
+        """Start the HTTP front on the actor's event loop; returns one base URL per device.
+        Any host but loopback needs DISCO_API_KEY in the actor's environment (every device's
+        API then checks it)."""
         import uvicorn
         from starlette.applications import Starlette
         from starlette.routing import Mount
 
         from disco.device_agents.agent_http import create_app
+
+        HttpConfig(host=host, port=port).check_exposure()
 
         ids = self.fleet.device_ids()
         routes = [Mount(f"/devices/{d}", app=create_app(self.fleet.agent(d))) for d in ids]
@@ -219,7 +226,7 @@ def start_fleets(
         n = min(left, f.devices_per_actor)
         handles.append(
             cls.remote(
-                to_dict(f), i, n, cfg.scheduler.server_profile, server_url, cfg.server.model_name,
+                to_dict(f), i, n, to_dict(cfg.scheduler), server_url, cfg.server.model_name,
                 scheduler, server_handle,
             )
         )  # fmt: skip
@@ -240,30 +247,30 @@ class DeviceAgentActor:
         agent: dict[str, Any],
         server_url: str,
         model_name: str,
-        server_profile: str,
-        device_profile: str,
+        scheduler_cfg: dict[str, Any],
         scheduler: Any,
         server_handle: Any = None,
     ) -> None:
         from disco.cluster.config import from_dict
 
         self.cfg = from_dict(AgentConfig, agent, "agent")
+        self.cfg.http.check_exposure()  # before the model loads
         if self.cfg.server == "handle":
             require_handle("agent", server_handle)
         handle = server_handle if self.cfg.server == "handle" else None
-        kwargs = dict(self.cfg.engine_kwargs)
-        if self.cfg.engine == "llamacpp":
-            kwargs.setdefault("model", self.cfg.model)
-        device = build_engine(self.cfg.engine, kwargs)
-        sp, dp = profiles(server_profile, self.cfg.device_profile or device_profile)
-        self.planner = ActorPlanner(scheduler)
+        device = build_device_engine(self.cfg)
+        sp, dp = profiles(
+            scheduler_cfg["server_profile"],
+            self.cfg.device_profile or scheduler_cfg["device_profile"],
+        )
+        self.planner = ActorPlanner(scheduler, config=scheduler_cfg)
         self.agent = build_agent(
             server=server_endpoint(server_url, model_name, handle=handle),
             device=device,
             planner=self.planner,
             server_profile=sp,
             device_profile=dp,
-            device_id=self.cfg.device_id,
+            config=self.cfg,
         )
         self._server: Any = None
         self._task: asyncio.Task | None = None
@@ -272,12 +279,12 @@ class DeviceAgentActor:
         """Serve the agent's HTTP API on the actor's event loop; returns its base URL."""
         import uvicorn
 
-        from disco.device_agents.agent_http import HttpConfig, create_app
+        from disco.device_agents.agent_http import create_app
 
-        http = HttpConfig(host=self.cfg.host, port=self.cfg.port, api_key=self.cfg.api_key)
+        http = self.cfg.http
         app = create_app(self.agent, http)
         config = uvicorn.Config(
-            app, host=self.cfg.host, port=self.cfg.port, log_level="warning", lifespan="off"
+            app, host=http.host, port=http.port, log_level="warning", lifespan="off"
         )
         self._server = uvicorn.Server(config)
         self._task = asyncio.create_task(self._server.serve())
@@ -336,8 +343,8 @@ def start_agent(
         **_placement(a.num_cpus, a.resources), max_concurrency=1000
     )
     handle = cls.remote(
-        to_dict(a), server_url, cfg.server.model_name, cfg.scheduler.server_profile,
-        cfg.scheduler.device_profile, scheduler, server_handle,
+        to_dict(a), server_url, cfg.server.model_name, to_dict(cfg.scheduler), scheduler,
+        server_handle,
     )  # fmt: skip
     return handle, ray.get(handle.start.remote())
 
@@ -347,6 +354,7 @@ __all__ = [
     "FleetActor",
     "FleetHttpActor",
     "build_agent",
+    "build_device_engine",
     "profiles",
     "require_handle",
     "server_endpoint",

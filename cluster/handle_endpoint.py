@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from disco.scheduler.endpoint import EndpointFailedError, GenerationRequest, InvalidRequestError
+from disco.scheduler.tokens import estimate_tokens
 from disco.scheduler.types import EndpointKind, TokenEvent
 from disco.scheduler.wire import ApiError, decode_chunk, request_body, token_events
 
@@ -33,7 +34,7 @@ class ServeHandleEndpoint:
         self.name = name or f"serve-handle:{model}"
 
     def count_tokens(self, text: str) -> int:
-        return max(1, (len(text) + 3) // 4)  # ~4 characters per token; no local tokenizer
+        return estimate_tokens(text)  # no local tokenizer: the server's is remote
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
         req.validate()

@@ -8,12 +8,16 @@ builds an engine or a policy imports those packages first. A name of the form
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from disco.scheduler.endpoint import ENDPOINTS, Endpoint
 from disco.scheduler.policies.base import POLICIES, Policy, PolicyConfig
-from disco.scheduler.profiles import DeviceProfile, ServerProfile
+from disco.scheduler.profiles import DeviceProfile, ServerProfile, load_profile
 from disco.scheduler.registry import UnknownNameError
+from disco.scheduler.types import Regime
+
+if TYPE_CHECKING:
+    from disco.cluster.config import SchedulerConfig
 
 # Packages whose import registers implementations; optional ones may be absent.
 ENGINE_PACKAGES = ("disco.device_agents.engines", "disco.cluster.engines")
@@ -91,6 +95,23 @@ def build_live_policy(
     if getattr(policy, "wants_hints", False):  # a ``module:factory`` that builds one
         raise OfflinePolicyError(name)
     return policy
+
+
+def policy_from_config(cfg: SchedulerConfig) -> Policy:
+    """The live policy a scheduler config describes (the scheduler actor's, and the local copy
+    device agents fall back to)."""
+    server = load_profile(cfg.server_profile, "server")
+    device = load_profile(cfg.device_profile, "device")
+    assert isinstance(server, ServerProfile) and isinstance(device, DeviceProfile)
+    pcfg = PolicyConfig(
+        regime=Regime(cfg.regime),
+        budget=cfg.budget,
+        migration=cfg.migration,
+        window=cfg.window,
+        recompute_every=cfg.recompute_every,
+        seed=cfg.seed,
+    )
+    return build_live_policy(cfg.policy, pcfg, server, device)
 
 
 def policy_names() -> list[str]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from disco.cluster.config import (
+    SERVER_API_KEY_ENV,
     AgentConfig,
     FleetConfig,
     SchedulerConfig,
@@ -66,12 +67,14 @@ def connect_ray(cfg: TestbedConfig) -> bool:
 
 
 def start_serve(cfg: ServerConfig) -> int:
-    """Start Serve's HTTP proxy on ``cfg.http`` (a free port for port 0); returns the port."""
+    """Start Serve's HTTP proxy on ``cfg.http`` (a free port for port 0); returns the port.
+    Off loopback it needs a key (``server.http.api_key`` or DISCO_SERVER_API_KEY here)."""
     from ray import serve
 
+    cfg.http.check_exposure(SERVER_API_KEY_ENV)
     port = cfg.http.port or free_port(cfg.http.host)
     serve.start(
-        proxy_location=cfg.http.proxy_location,
+        proxy_location=cfg.proxy_location,
         http_options={"host": cfg.http.host, "port": port},
     )
     # Serve already running on this cluster keeps its own HTTP options: report the real port.
@@ -251,9 +254,12 @@ class Testbed:
         self._start_devices(fleet_http)
 
     def planner(self, **kwargs: Any) -> Any:
-        """A Planner over the scheduler actor (``disco.scheduler.planner.Planner``)."""
+        """A Planner over the scheduler actor (``disco.scheduler.planner.Planner``), its
+        fallback starting from the scheduler's config."""
+        from disco.cluster.config import to_dict
         from disco.cluster.planner_client import ActorPlanner
 
+        kwargs.setdefault("config", to_dict(self.config.scheduler))
         return ActorPlanner(self.scheduler, **kwargs)
 
     def stats(self) -> dict[str, Any]:

@@ -24,26 +24,9 @@ import ray
 
 from disco.cluster import wire
 from disco.cluster.config import SchedulerConfig, from_dict, to_dict
-from disco.cluster.resolve import build_live_policy, check_live_policy
+from disco.cluster.resolve import check_live_policy, policy_from_config
 from disco.cluster.scheduler_state import Checkpointer, SchedulerCore, make_store
-from disco.scheduler.policies.base import Policy, PolicyConfig
-from disco.scheduler.profiles import DeviceProfile, ServerProfile, load_profile
 from disco.scheduler.types import Plan, Regime, Request, RequestOutcome
-
-
-def policy_from_config(cfg: SchedulerConfig) -> Policy:
-    server = load_profile(cfg.server_profile, "server")
-    device = load_profile(cfg.device_profile, "device")
-    assert isinstance(server, ServerProfile) and isinstance(device, DeviceProfile)
-    pcfg = PolicyConfig(
-        regime=Regime(cfg.regime),
-        budget=cfg.budget,
-        migration=cfg.migration,
-        window=cfg.window,
-        recompute_every=cfg.recompute_every,
-        seed=cfg.seed,
-    )
-    return build_live_policy(cfg.policy, pcfg, server, device)
 
 
 class SchedulerActor:
@@ -105,6 +88,11 @@ class SchedulerActor:
         self.cfg = cfg
         self.checkpointer.interval_s = cfg.checkpoint_interval_s
         await self.checkpoint()
+
+    async def config(self) -> dict[str, Any]:
+        """The current config (as ``reconfigure`` left it): what device agents run locally
+        when this actor does not answer in time (``ActorPlanner.fallback``)."""
+        return to_dict(self.cfg)
 
     async def stats(self) -> dict[str, Any]:
         node = ray.get_runtime_context().get_node_id()

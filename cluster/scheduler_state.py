@@ -207,6 +207,19 @@ class FileStore:
             self.path.unlink()
 
 
+def ray_kv() -> Any:
+    """Ray's GCS key-value functions ``(get, put, delete)``, the one place that names them.
+
+    Ray (2.60) has no public key-value API: ``ray.experimental.internal_kv``'s underscore
+    functions are what Ray's own libraries (Serve, Tune) keep their state in, and their
+    signatures have been stable for years. tests/cluster/test_private_apis.py fails when they
+    move or change, rather than a checkpoint failing on a cluster.
+    """
+    from ray.experimental import internal_kv
+
+    return internal_kv._internal_kv_get, internal_kv._internal_kv_put, internal_kv._internal_kv_del
+
+
 class GcsStore:
     """Ray's GCS key-value store: reachable from every node, outlives any one actor."""
 
@@ -216,19 +229,16 @@ class GcsStore:
         self.key = f"scheduler-checkpoint/{key}".encode()
 
     def load(self) -> bytes | None:
-        from ray.experimental import internal_kv
-
-        return internal_kv._internal_kv_get(self.key, namespace=self.NAMESPACE)
+        get, _, _ = ray_kv()
+        return get(self.key, namespace=self.NAMESPACE)
 
     def save(self, blob: bytes) -> None:
-        from ray.experimental import internal_kv
-
-        internal_kv._internal_kv_put(self.key, blob, overwrite=True, namespace=self.NAMESPACE)
+        _, put, _ = ray_kv()
+        put(self.key, blob, overwrite=True, namespace=self.NAMESPACE)
 
     def clear(self) -> None:
-        from ray.experimental import internal_kv
-
-        internal_kv._internal_kv_del(self.key, namespace=self.NAMESPACE)
+        _, _, delete = ray_kv()
+        delete(self.key, namespace=self.NAMESPACE)
 
 
 def make_store(spec: str, key: str) -> CheckpointStore:

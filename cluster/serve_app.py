@@ -18,7 +18,6 @@ coalescing only so that its cost can be measured (bench/bench_runtime.py).
 
 import contextlib
 import itertools
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from disco.cluster.config import ServerConfig, from_dict, to_dict
+from disco.cluster.config import SERVER_API_KEY_ENV, ServerConfig, from_dict, to_dict
 from disco.cluster.resolve import build_engine
 from disco.cluster.stream_batching import coalesce, prepend
 from disco.scheduler.endpoint import EndpointFailedError, InvalidRequestError
@@ -54,7 +53,7 @@ from disco.scheduler.wire import (
 )
 
 DEPLOYMENT_NAME = "DiscoServer"
-API_KEY_ENV = "DISCO_SERVER_API_KEY"
+API_KEY_ENV = SERVER_API_KEY_ENV  # the key when server.http.api_key is not set
 
 api = FastAPI(title="disco server", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -72,7 +71,7 @@ class DiscoServer:
     def __init__(self, config: dict[str, Any]) -> None:
         self.cfg = from_dict(ServerConfig, config)
         self.engine = build_engine(self.cfg.engine, dict(self.cfg.engine_kwargs))
-        self.api_key = self.cfg.api_key or os.environ.get(API_KEY_ENV) or None
+        self.api_key = self.cfg.http.key(API_KEY_ENV)
         self.replica_id = uuid.uuid4().hex[:8]
         self._ids = itertools.count()
 
@@ -109,7 +108,7 @@ class DiscoServer:
     async def _answer(self, request: Request, chat: bool) -> Any:
         self._check_key(request)
         raw = await read_body(
-            request.stream(), request.headers.get("content-length"), self.cfg.max_body_bytes
+            request.stream(), request.headers.get("content-length"), self.cfg.http.max_body_bytes
         )
         body = self._parse(parse_json(raw), chat)
         events = self._events(body)
@@ -183,7 +182,12 @@ class DiscoServer:
         monotonic clock, when it records one (a batching replica does), for plotting each
         replica's load over time."""
         samples = getattr(self.engine, "samples", None)
-        return {"replica": self.replica_id, "samples": samples() if callable(samples) else []}
+        state = getattr(self.engine, "replica_state", None)
+        return {
+            "replica": self.replica_id,
+            "samples": samples() if callable(samples) else [],
+            "state": state() if callable(state) else {},
+        }
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -193,7 +197,7 @@ class DiscoServer:
             data,
             chat=chat,
             models=(self.cfg.model_name,),
-            max_tokens_limit=self.cfg.max_tokens_limit,
+            max_tokens_limit=self.cfg.http.max_tokens_limit,
             request_id=rid,
         )
 

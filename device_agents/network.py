@@ -12,68 +12,31 @@ import asyncio
 import contextlib
 import zlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import numpy as np
 
 from disco.scheduler.endpoint import Endpoint, GenerationRequest
 from disco.scheduler.types import TokenEvent
 
-DISTRIBUTIONS = ("constant", "normal", "exponential", "lognormal", "pareto")
-
-
-@dataclass(frozen=True, slots=True)
-class NetworkConfig:
-    """One-way delay = rtt_s / 2 + a jitter sample whose scale is ``jitter_s``.
-
-    ``normal``: |N(0, jitter)|; ``exponential``: mean jitter; ``lognormal``: jitter * LogN(0, 1)
-    (a heavier tail); ``pareto``: jitter * Pareto(shape 2.5) (rare long stalls, the last hop's
-    tail); ``constant``: no jitter.
-    """
-
-    rtt_s: float = 0.05
-    jitter_s: float = 0.0
-    distribution: str = "constant"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.rtt_s < 0 or self.jitter_s < 0:
-            raise ValueError("rtt_s and jitter_s must be >= 0")
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(
-                f"distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}"
-            )
-
-    def one_way(self, rng: np.random.Generator) -> float:
-        j = self.jitter_s
-        if self.distribution == "constant" or j == 0:
-            extra = 0.0
-        elif self.distribution == "normal":
-            extra = abs(float(rng.normal(0.0, j)))
-        elif self.distribution == "exponential":
-            extra = float(rng.exponential(j))
-        elif self.distribution == "lognormal":
-            extra = j * float(rng.lognormal(0.0, 1.0))
-        else:
-            extra = j * float(rng.pareto(2.5))
-        return self.rtt_s / 2 + extra
-
+from .config import NetworkConfig
 
 _END = object()
 
 
 class NetworkEndpoint:
-    """Wraps an endpoint (usually the server) with the device's last-hop delays."""
+    """Wraps an endpoint (usually the server) with the device's last-hop delays; ``seed`` keys
+    this device's delays (a fleet gives each device its own)."""
 
-    def __init__(self, inner: Endpoint, config: NetworkConfig) -> None:
+    def __init__(self, inner: Endpoint, config: NetworkConfig, seed: int = 0) -> None:
         self.inner = inner
         self.config = config
+        self.seed = seed
         self.kind = inner.kind
         self.name = f"{inner.name}+net"
 
     def _rng(self, req: GenerationRequest) -> np.random.Generator:
         key = zlib.crc32(req.request_id.encode())
-        return np.random.default_rng([self.config.seed, key, req.start_index])
+        return np.random.default_rng([self.seed, key, req.start_index])
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
         rng = self._rng(req)

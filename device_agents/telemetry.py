@@ -23,7 +23,8 @@ class AgentMetrics:
     failed: int = 0
     cancelled: int = 0
     rejected: int = 0  # bad input answered with a 4xx
-    planner_errors: int = 0
+    planner_errors: int = 0  # planner reports that failed (telemetry lost)
+    planner_fallbacks: int = 0  # requests the planner did not plan in time: planned locally
     tokens: int = 0
     tokens_server: int = 0
     tokens_device: int = 0
@@ -74,8 +75,11 @@ class AgentMetrics:
         counter("requests_failed_total", "Requests that ended with an error.", self.failed)
         counter("requests_cancelled_total", "Requests the client abandoned.", self.cancelled)
         counter("requests_rejected_total", "Requests rejected as bad input.", self.rejected)
-        counter("planner_errors_total", "Planner calls that failed (fallback plan used).",
+        counter("planner_errors_total", "Planner reports that failed (telemetry lost).",
                 self.planner_errors)  # fmt: skip
+        counter("planner_fallbacks_total",
+                "Requests planned by the local fallback: the planner failed or was late.",
+                self.planner_fallbacks)  # fmt: skip
         counter("tokens_total", "Tokens delivered to users.", self.tokens_server, 'source="server"')
         counter("tokens_total", "Tokens delivered to users.", self.tokens_device, 'source="device"')
         counter("migrations_total", "Generations migrated mid-stream.", self.migrations)

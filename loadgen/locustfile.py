@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import gevent
 from locust import FastHttpUser, constant, events, task
@@ -68,6 +69,19 @@ class ReplayRun:
             "max_lag_s": round(s.max_lag_s, 4),
             "elapsed_s": round(max(0.0, time.monotonic() - self.pacer.t0), 2) if self.pacer.started else 0.0,
         }  # fmt: skip
+
+
+def body_reader(resp: Any) -> Any:
+    """The body of a ``stream=True`` FastHttpUser response, as an object whose
+    ``readline(b"\\n")`` returns each line as soon as it arrives.
+
+    Locust's public ``iter_content(chunk_size)`` waits for ``chunk_size`` bytes before it yields
+    (geventhttpclient's ``read(n)``), which would hold back every token's arrival time; the
+    response underneath, Locust's private ``_response`` (geventhttpclient's), reads per line.
+    This is the one place that touches it; tests/cluster/test_private_apis.py fails when Locust
+    moves it (or when it stops returning lines as they arrive).
+    """
+    return resp._response
 
 
 @events.init.add_listener
@@ -222,7 +236,7 @@ class StreamingUser(FastHttpUser):
             raise StreamError(f"no response: {resp.error}")
         if rec.status != 200:
             raise StreamError(f"HTTP {rec.status}: {(resp.text or '')[:200]}")
-        raw = resp._response  # geventhttpclient's response: readline() returns as data arrives
+        raw = body_reader(resp)
         dec = SSEDecoder()
         while True:
             line = raw.readline(b"\n")

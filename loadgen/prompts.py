@@ -30,6 +30,7 @@ from typing import Protocol
 import numpy as np
 
 from disco.scheduler.registry import Registry
+from disco.scheduler.tokens import estimate_tokens
 
 # Standard-library modules with long English documentation; a fixed list keeps the corpus the
 # same across runs on one Python version.
@@ -134,7 +135,7 @@ class EstimateCounter:
     name: str = "estimate"
 
     def count(self, text: str) -> int:
-        return max(1, round(len(text) / self.chars_per_token))
+        return max(1, estimate_tokens(text, self.chars_per_token))
 
 
 @TOKEN_COUNTERS.register("llamacpp")

@@ -1,14 +1,29 @@
-"""`disco agent --server URL --model PATH`: a real device agent for an edge box.
+"""`disco agent --server URL [--model PATH]`: a real device agent for an edge box.
 
 It serves the OpenAI-compatible API of ``disco.device_agents.agent_http`` (127.0.0.1 unless told
-otherwise; another address needs an API key), runs the device model with llama.cpp, streams from
-the server at URL, and takes its plans from the cluster's scheduler actor (``--scheduler ADDRESS``),
-from a local policy (``--policy NAME``), or races both endpoints on every request (neither).
+otherwise; another address needs an API key), runs the device model with llama.cpp (default: the
+small device model, SmolLM2-135M), streams from the server at URL, and plans each request with
+one of:
+
+- the cluster's scheduler actor (``--scheduler ADDRESS``): its policy, budget, regime and server
+  profile are the scheduler's (passing ``--budget``/``--regime``/``--server-profile`` as well is
+  refused); when it does not answer within ``--planner-timeout-ms`` the request is planned by a
+  local copy of its policy (last known config) and counted in /metrics;
+- a local policy (``--policy NAME``, default ``disco``) at ``--budget`` in ``--regime``, both
+  printed at start.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+# Used when neither --scheduler nor the flag is given (printed at start).
+DEFAULT_POLICY, DEFAULT_REGIME, DEFAULT_BUDGET = "disco", "server", 0.5
+DEFAULT_SERVER_PROFILE, DEFAULT_DEVICE_PROFILE = "gpt-4o-mini", "xiaomi14-qwen0.5b"
+# What the scheduler decides: refused beside --scheduler (it would be silently ignored).
+SCHEDULER_OWNS = (("--budget", "budget"), ("--regime", "regime"),
+                  ("--server-profile", "server_profile"))  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the server is a plain OpenAI API (resume by prompt + prefix, no disco extensions)",
     )
     p.add_argument(
-        "--model", default=None, help="GGUF path or bundled model name (default: gemma3-270m)"
+        "--model", default=None, help="GGUF path or bundled model name (default: smollm2-135m)"
     )
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads")
     p.add_argument("--n-ctx", type=int, default=2048, help="llama.cpp context window")
@@ -35,13 +50,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     plan.add_argument(
         "--scheduler", metavar="ADDRESS", help="Ray address of the cluster's scheduler actor"
     )
-    plan.add_argument("--policy", help="a local policy instead of the cluster's scheduler")
+    plan.add_argument(
+        "--policy", help=f"a local policy instead of a scheduler (default: {DEFAULT_POLICY})"
+    )
     p.add_argument("--scheduler-name", default="disco-scheduler", help="scheduler actor name")
     p.add_argument("--namespace", default="disco", help="Ray namespace of the scheduler actor")
-    p.add_argument("--regime", choices=("server", "device"), default="server")
-    p.add_argument("--budget", type=float, default=0.5)
-    p.add_argument("--server-profile", default="gpt-4o-mini")
-    p.add_argument("--device-profile", default="xiaomi14-qwen0.5b")
+    p.add_argument(
+        "--planner-timeout-ms",
+        type=float,
+        default=100.0,
+        help="plan locally when the scheduler has not answered by then (default: 100)",
+    )
+    p.add_argument(
+        "--regime", choices=("server", "device"), default=None,
+        help=f"local policy only (default: {DEFAULT_REGIME})",
+    )  # fmt: skip
+    p.add_argument(
+        "--budget", type=float, default=None, help=f"local policy only (default: {DEFAULT_BUDGET})"
+    )
+    p.add_argument(
+        "--server-profile", default=None,
+        help=f"local policy only (default: {DEFAULT_SERVER_PROFILE}; a scheduler uses its own)",
+    )  # fmt: skip
+    p.add_argument(
+        "--device-profile", default=None,
+        help=f"this device's profile (default: the scheduler's, else {DEFAULT_DEVICE_PROFILE})",
+    )  # fmt: skip
     p.add_argument("--device-id", default="agent-0")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
@@ -49,75 +83,124 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _planner(args: argparse.Namespace, sp, dp):  # noqa: ANN001, ANN202 - heavy types, lazy
+def check_plan_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that a scheduler would silently override (one line, exit 2)."""
     from disco.cluster.errors import CliError
-    from disco.device_agents.local_planner import LocalPlanner, StaticPlanner
 
-    if args.scheduler:
-        import ray
+    if not args.scheduler:
+        return
+    given = [flag for flag, dest in SCHEDULER_OWNS if getattr(args, dest) is not None]
+    if given:
+        raise CliError(
+            f"{', '.join(given)} cannot be combined with --scheduler: the scheduler's own config "
+            "decides them (change it with `disco serve`), or plan locally with --policy"
+        )
 
-        from disco.cluster.planner_client import ActorPlanner
 
-        try:
-            ray.init(address=args.scheduler, namespace=args.namespace, log_to_driver=False)
-            actor = ray.get_actor(args.scheduler_name, namespace=args.namespace)
-        except (ConnectionError, ValueError) as e:
-            raise CliError(f"cannot reach the scheduler at {args.scheduler!r}: {e}") from None
-        return ActorPlanner(actor)
-    if args.policy:
-        from disco.cluster.resolve import build_live_policy
-        from disco.scheduler.policies.base import PolicyConfig
-        from disco.scheduler.types import Regime
+def local_defaults(args: argparse.Namespace) -> str:
+    """Fill the local policy's unset flags with the defaults; returns the line printed at start
+    (so a user sees which policy and budget an agent without --scheduler runs)."""
+    args.policy = args.policy or DEFAULT_POLICY
+    args.regime = args.regime or DEFAULT_REGIME
+    args.budget = DEFAULT_BUDGET if args.budget is None else args.budget
+    args.server_profile = args.server_profile or DEFAULT_SERVER_PROFILE
+    args.device_profile = args.device_profile or DEFAULT_DEVICE_PROFILE
+    return f"local policy {args.policy} (regime {args.regime}, budget {args.budget:g})"
 
-        try:
-            pcfg = PolicyConfig(regime=Regime(args.regime), budget=args.budget)
-        except ValueError as e:
-            raise CliError(str(e)) from None
-        return LocalPlanner(build_live_policy(args.policy, pcfg, sp, dp))
-    return StaticPlanner()
+
+def _connect(args: argparse.Namespace) -> Any:
+    """The scheduler actor's client, its fallback loaded with the actor's current config."""
+    import ray
+
+    from disco.cluster.errors import CliError
+    from disco.cluster.planner_client import ActorPlanner
+
+    try:
+        ray.init(address=args.scheduler, namespace=args.namespace, log_to_driver=False)
+        actor = ray.get_actor(args.scheduler_name, namespace=args.namespace)
+        return ActorPlanner.connect(actor)
+    except (ConnectionError, ValueError, ray.exceptions.GetTimeoutError) as e:
+        raise CliError(f"cannot reach the scheduler at {args.scheduler!r}: {e}") from None
+
+
+def local_planner(args: argparse.Namespace, sp: Any, dp: Any) -> Any:
+    from disco.cluster.errors import CliError
+    from disco.cluster.resolve import build_live_policy
+    from disco.device_agents.local_planner import LocalPlanner
+    from disco.scheduler.policies.base import PolicyConfig
+    from disco.scheduler.types import Regime
+
+    try:
+        pcfg = PolicyConfig(regime=Regime(args.regime), budget=args.budget)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    return LocalPlanner(build_live_policy(args.policy, pcfg, sp, dp))
 
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from disco.cluster.device_actors import build_agent, profiles
+    from disco.cluster.device_actors import build_agent, build_device_engine, profiles
     from disco.cluster.errors import CliError
-    from disco.cluster.resolve import build_engine
-    from disco.device_agents.agent_http import HttpConfig, resolve_api_key, serve
+    from disco.cluster.resolve import build_engine, check_live_policy
+    from disco.device_agents.agent_http import resolve_api_key, serve
+    from disco.device_agents.config import AgentConfig, HttpConfig
     from disco.device_agents.models import ModelUnavailableError
 
+    check_plan_flags(args)
     if not 0 < args.port < 65536:
         raise CliError(f"--port must be in 1..65535, got {args.port}")
-    if args.policy:
-        from disco.cluster.resolve import check_live_policy
-
-        check_live_policy(args.policy)  # before the model loads
-    try:
-        http = HttpConfig(host=args.host, port=args.port, api_key=resolve_api_key(args.api_key))
-        sp, dp = profiles(args.server_profile, args.device_profile)
-    except ValueError as e:
-        raise CliError(str(e)) from None
-    server_kw = {"model": args.server_model, "disco_extensions": not args.plain_openai}
-    if args.server_api_key:
-        server_kw["api_key"] = args.server_api_key
-    device_kw = {"model": args.model, "n_ctx": args.n_ctx}
+    device_kw: dict[str, Any] = {"n_ctx": args.n_ctx}
     if args.threads:
         device_kw["n_threads"] = args.threads
     try:
-        device = build_engine("llamacpp", device_kw)
+        http = HttpConfig(host=args.host, port=args.port, api_key=resolve_api_key(args.api_key))
+        http.check_exposure()
+        cfg = AgentConfig(
+            device_id=args.device_id, model=args.model, engine="llamacpp",
+            engine_kwargs=device_kw, device_profile=args.device_profile, http=http,
+            planner_timeout_ms=args.planner_timeout_ms,
+        )  # fmt: skip
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if args.scheduler:
+        planner = _connect(args)
+        sched = planner.fallback.config or {}
+        server_profile = sched.get("server_profile", DEFAULT_SERVER_PROFILE)
+        device_profile = args.device_profile or sched.get("device_profile", DEFAULT_DEVICE_PROFILE)
+        planning = f"scheduler {args.scheduler_name!r} at {args.scheduler}"
+        if sched:
+            planning += (f" ({sched['policy']}, regime {sched['regime']}, budget "
+                         f"{sched['budget']:g}; local fallback after "
+                         f"{cfg.planner_timeout_ms:g} ms)")  # fmt: skip
+    else:
+        planning = local_defaults(args)
+        server_profile, device_profile = args.server_profile, args.device_profile
+        check_live_policy(args.policy)  # before the model loads
+    try:
+        sp, dp = profiles(server_profile, device_profile)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if not args.scheduler:
+        planner = local_planner(args, sp, dp)
+    server_kw = {"model": args.server_model, "disco_extensions": not args.plain_openai}
+    if args.server_api_key:
+        server_kw["api_key"] = args.server_api_key
+    try:
+        device = build_device_engine(cfg)
     except (ModelUnavailableError, ValueError, FileNotFoundError) as e:
         raise CliError(str(e)) from None
     agent = build_agent(
         server=build_engine("openai", {"base_url": args.server, **server_kw}),
         device=device,
-        planner=_planner(args, sp, dp),
+        planner=planner,
         server_profile=sp,
         device_profile=dp,
-        device_id=args.device_id,
+        config=cfg,
     )
     print(
         f"disco agent: http://{args.host}:{args.port}/v1 (device {device.name}, "
-        f"server {args.server})",
+        f"server {args.server}); planning: {planning}",
         flush=True,
     )
     asyncio.run(serve(agent, http))

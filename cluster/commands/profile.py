@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--model",
-        help="llamacpp: GGUF path or bundled name (default gemma3-270m); vllm: model dir; "
+        help="llamacpp: GGUF path or bundled name (default smollm2-135m); vllm: model dir; "
         "openai: model name; emulated: profile name or JSON",
     )
     p.add_argument(

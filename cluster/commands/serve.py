@@ -32,11 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from disco.cluster.config import ConfigError, load_config
+    from disco.cluster.config import SERVER_API_KEY_ENV, ConfigError, load_config
 
     try:
         cfg = load_config(args.config)
-    except ConfigError as e:
+        cfg.server.http.check_exposure(SERVER_API_KEY_ENV)  # a public proxy needs a key
+    except ValueError as e:  # ConfigError included
         raise CliError(str(e)) from None
     if not args.no_scheduler:
         from disco.cluster.resolve import check_live_policy

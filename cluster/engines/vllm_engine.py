@@ -94,6 +94,13 @@ class VLLMEndpoint:
         self.tokens_generated = 0
         self.active_streams = 0
 
+    def unfinished_requests(self) -> int:
+        """Requests the vLLM engine still holds (0 once every stream has ended or been aborted),
+        from AsyncLLM's ``output_processor`` (v1): what tests check an abort against."""
+        if self._engine is None:
+            return 0
+        return int(self._engine.output_processor.get_num_unfinished_requests())
+
     async def _tok(self) -> Any:
         if self._tokenizer is None:
             tok = self._engine.get_tokenizer()

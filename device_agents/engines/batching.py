@@ -32,10 +32,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from disco.device_agents.engines.emulated import EmulatedEndpoint, EmulatedStats, estimate_tokens
+from disco.device_agents.engines.emulated import EmulatedEndpoint, EmulatedStats
 from disco.scheduler.batching import Replica, ServerPreset
 from disco.scheduler.endpoint import EndpointFailedError, GenerationRequest, InvalidRequestError
 from disco.scheduler.presets import load_preset
+from disco.scheduler.tokens import estimate_tokens
 from disco.scheduler.types import EndpointKind, TokenEvent
 
 MAX_SAMPLES = 100_000  # per replica: hours of steps at plotting resolution, a few MB at most
@@ -86,6 +87,8 @@ class BatchingEndpoint:
         self.stats = EmulatedStats()
         self._replica = Replica(self.preset, name=self.name, record=record)
         self._t0 = time.monotonic()  # model time 0
+        self._late_s = 0.0  # sum over steps of (real end - planned end), real seconds
+        self._late_max_s = 0.0
         self._streams: dict[str, asyncio.Queue[_Item]] = {}
         self._ids = itertools.count()
         self._task: asyncio.Task[None] | None = None
@@ -178,6 +181,12 @@ class BatchingEndpoint:
             "preemptions": st.preemptions,
             "cache_hit_tokens": st.cache_hit_tokens,
             "tokens": st.tokens,
+            # The emulation's fidelity: real time the batch clock lost to the event loop.
+            "late_s": self._late_s,
+            "late_max_ms": 1000.0 * self._late_max_s,
+            "late_share": self._late_s / (st.busy_s * self.time_scale + self._late_s)
+            if st.busy_s > 0
+            else 0.0,
         }
 
     def samples(self) -> list[tuple[float, int, int, int]]:
@@ -244,9 +253,15 @@ class BatchingEndpoint:
             if len(samples) > 2 * MAX_SAMPLES:  # amortized O(1) bound on the model's list
                 del samples[:-MAX_SAMPLES]
             # Always yield, even when late, so consumers run between steps.
-            await asyncio.sleep(max(t0 + step.end * scale - time.monotonic(), 0.0))
+            due = t0 + step.end * scale
+            await asyncio.sleep(max(due - time.monotonic(), 0.0))
             emissions = rep.finish(step)
             at = time.monotonic()
+            # How far the real clock fell behind the model (the next step starts from real
+            # time, so this is the emulation's own delay: event-loop lag on a busy machine).
+            late = at - due
+            self._late_s += late
+            self._late_max_s = max(self._late_max_s, late)
             streams = self._streams
             for em in emissions:
                 queue = streams.get(em.seq.id)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import math
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -40,6 +39,7 @@ from disco.scheduler.profiles import (
     ServerProfile,
     load_profile,
 )
+from disco.scheduler.tokens import estimate_tokens
 from disco.scheduler.types import EndpointKind, TokenEvent
 
 # Placeholder vocabulary: short words so that text length per token resembles real BPE output.
@@ -49,14 +49,6 @@ _WORDS = (
     "time", "energy", "cost", "so", "that", "first", "token", "comes", "soon", "then", "rest",
     "follows", "at", "steady", "pace", "as", "text", "grows", "line", "by",
 )  # fmt: skip
-
-CHARS_PER_TOKEN = 4.0  # the usual rule of thumb for English BPE tokenizers
-
-
-def estimate_tokens(text: str) -> int:
-    """Token count estimate for engines without a tokenizer (~4 characters per token)."""
-    return math.ceil(len(text) / CHARS_PER_TOKEN) if text else 0
-
 
 def resolve_profile(profile: Profile | str, kind: EndpointKind | str | None = None) -> Profile:
     """A profile object, a registered profile name, or a JSON file written by ``disco profile``."""

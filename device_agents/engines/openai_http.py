@@ -40,7 +40,8 @@ the server's message; anything else that goes wrong (connect failure, 5xx, the c
 mid-stream, an error event, a stream that ends without a finish reason or ``[DONE]``) raises
 :class:`EndpointFailedError`.
 
-``count_tokens`` is an estimate (~4 characters per token): the server's tokenizer is not local.
+``count_tokens`` is the core estimate (:func:`disco.scheduler.tokens.estimate_tokens`): the
+server's tokenizer is not local.
 """
 
 from __future__ import annotations
@@ -54,10 +55,9 @@ from typing import Any
 import httpx
 
 from disco.scheduler.endpoint import EndpointFailedError, GenerationRequest, InvalidRequestError
+from disco.scheduler.tokens import estimate_tokens
 from disco.scheduler.types import EndpointKind, TokenEvent
 from disco.scheduler.wire import ApiError, decode_stream, request_body, token_events
-
-from .emulated import estimate_tokens
 
 APIS = ("completions", "chat")
 CHAT_RESUMES = ("assistant_turn", "continue_final_message")

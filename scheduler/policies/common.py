@@ -13,8 +13,10 @@ short ones included, while the online feedback steers the long-run spend to ``b`
 Live, many requests are planned before any of them is reported, so the guard also counts the
 requests in flight: planned, not yet observed. A definite start of the constrained endpoint
 reserves the whole prompt until its outcome arrives; a hedge (a delayed start that may never fire)
-reserves nothing, so concurrency does not starve hedging, and the feedback corrects what hedges
-spend. In the simulator ``observe`` follows ``plan`` at once, so nothing is ever in flight there.
+reserves its prompt times the probability that it fires (``hedge_fire_share``, DiSCo-D's estimate
+of the server's TTFT survival), so a burst of hedges is counted in expectation without starving
+hedging. In the load-free simulator ``observe`` follows ``plan`` at once, so nothing is ever in
+flight there; the causal simulator has requests in flight as live.
 """
 
 from __future__ import annotations
@@ -225,6 +227,14 @@ class WindowPolicy:
         spent = self.budget_spent + self.inflight_spent + prompt_tokens
         return spent <= (self.budget + GUARD_SLACK) * seen
 
+    def hedge_fire_share(self, start_s: float) -> float:
+        """[R] Probability that a hedge of the constrained endpoint at ``start_s`` fires (the
+        other endpoint has no first token by then): a planned hedge reserves that share of its
+        prompt until its outcome is known, so a burst of hedges cannot outrun the guard. 0 for
+        policies without an estimate of the other endpoint's TTFT."""
+        del start_s
+        return 0.0
+
     def expected_output_tokens(self, prompt_tokens: np.ndarray | float) -> np.ndarray:
         return self.outputs(np.atleast_1d(np.asarray(prompt_tokens, dtype=float)))
 
@@ -243,7 +253,12 @@ class WindowPolicy:
         s, d = float(ss[0]), float(ds[0])
         c = self.constrained_start(ss, ds)[0]
         self._release(request.id)  # a re-planned id must not reserve twice
-        reserve = float(request.prompt_tokens) if c == 0.0 else 0.0
+        if c == 0.0:
+            reserve = float(request.prompt_tokens)
+        elif math.isnan(c):
+            reserve = 0.0
+        else:  # a hedge: reserve what it spends in expectation
+            reserve = float(request.prompt_tokens) * self.hedge_fire_share(float(c))
         self._pending[request.id] = (s, d, float(request.prompt_tokens), reserve)
         self.inflight_seen += request.prompt_tokens
         self.inflight_spent += reserve

@@ -60,6 +60,7 @@ class DiSCo(WindowPolicy):
         self.waits = np.array([np.inf])
         self.tail_target: float | None = None
         self._origin: tuple[float, float] | None = None  # (seen, spent) at the first fit
+        self._km: KaplanMeier | None = None  # server TTFT survival, from the last fit
 
     # --- online budget ------------------------------------------------------------------
     def _effective_budget(self) -> float:
@@ -94,6 +95,10 @@ class DiSCo(WindowPolicy):
             )
         return float(np.clip(b_eff, 0.0, 1.0))
 
+    def hedge_fire_share(self, start_s: float) -> float:
+        """P(server TTFT > start_s) from the window's Kaplan-Meier estimate (1 before a fit)."""
+        return 1.0 if self._km is None else float(self._km(start_s))
+
     def _recompute(self) -> None:
         if self.budget <= 0.0 or self.budget >= 1.0:
             return  # _decide never looks at the learned state then
@@ -123,6 +128,7 @@ class DiSCo(WindowPolicy):
         if tsv.size < MIN_SERVER_SAMPLES or lengths.size < LENGTH_BUCKETS:
             return  # keep the previous table
         km = KaplanMeier(tsv, exv)
+        self._km = km  # the hedges' reservation (hedge_fire_share) uses the same estimate
         t_sorted = km.t
 
         def quant(p: np.ndarray) -> np.ndarray:  # np.quantile on sorted data, without re-sorting

@@ -1,10 +1,14 @@
-"""Test doubles loaded by Ray workers by import path (``tests.cluster.doubles:...``).
+"""Test doubles loaded by Ray workers by import path (``tests.cluster.doubles:...``), and a
+helper the tests that run ``disco`` as a process share.
 
 Ray puts the driver's working directory on its workers' ``sys.path``, so run pytest from the
 repository root.
 """
 
 from __future__ import annotations
+
+import signal
+import subprocess
 
 from disco.scheduler.types import EndpointKind, MigrationRule, Plan, Request, RequestOutcome
 
@@ -53,3 +57,13 @@ class ServerOnlyPolicy(CountingPolicy):
 
     def plan(self, request: Request, now: float) -> Plan:
         return Plan(request.id, server_start=0.0, device_start=None, policy=self.name)
+
+
+def stop_process(proc: subprocess.Popen, wait_s: float = 10.0) -> None:
+    """Ctrl-C, as a user would; kill it if it has not exited within ``wait_s``."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)

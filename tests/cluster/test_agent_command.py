@@ -7,13 +7,13 @@ server URL is never contacted.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import httpx
 import pytest
+from doubles import stop_process
 from needs import missing, require
 
 require("llama_cpp")
@@ -49,12 +49,7 @@ def agent_url():
                 time.sleep(0.1)
         yield url
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
 
 
 def test_openai_client_streams_from_disco_agent(agent_url):
@@ -68,3 +63,28 @@ def test_openai_client_streams_from_disco_agent(agent_url):
         openai.OpenAI(base_url=f"{agent_url}/v1", api_key="wrong").completions.create(
             model="disco", prompt="x", max_tokens=2
         )
+
+
+def test_defaults_are_the_small_model_and_the_local_disco_policy_at_a_stated_budget():
+    """No --model, no --policy, no --scheduler: the small device model, and DiSCo at a budget the
+    agent prints (it used to race every request at full server cost, on the server's model)."""
+    try:
+        resolve_model("smollm2-135m")
+    except ModelUnavailableError as e:
+        missing(str(e))
+    cmd = [sys.executable, "-m", "disco.cluster.cli", "agent", "--server", "http://127.0.0.1:9",
+           "--threads", "1", "--port", str(free_port())]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "DISCO_API_KEY"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    try:
+        line = ""
+        deadline = time.monotonic() + 60
+        while "disco agent:" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                pytest.fail("disco agent exited before it started serving")
+        assert "planning: local policy disco (regime server, budget 0.5)" in line, line
+        assert "SmolLM2" in line or "smollm2" in line.lower(), line
+    finally:
+        stop_process(proc)

@@ -32,6 +32,39 @@ def test_shipped_testbed_yaml_loads():
     cfg = load_config(DEPLOY / "testbed.yaml")
     assert cfg.fleet.devices == 100 and cfg.fleet.network.distribution == "lognormal"
     assert cfg.scheduler.policy == "disco" and cfg.scheduler.budget == pytest.approx(0.3)
+    assert cfg.agent.http.port == 0 and cfg.agent.planner_timeout_ms == 100
+    assert cfg.server.proxy_location == "HeadOnly" and cfg.server.http.port == 8000
+
+
+def test_the_device_sections_are_the_device_sides_own_classes():
+    """One class per concept: the YAML's fleet, agent, network and http sections are built
+    straight into disco.device_agents.config's classes, never into cluster-side copies."""
+    from disco.device_agents import config as device
+
+    cfg = TestbedConfig()
+    assert type(cfg.fleet) is device.FleetConfig and type(cfg.agent) is device.AgentConfig
+    assert type(cfg.fleet.network) is device.NetworkConfig
+    assert type(cfg.server.http) is type(cfg.agent.http) is device.HttpConfig
+
+
+def test_a_partial_section_keeps_the_sections_defaults():
+    # server.http's default port is Serve's 8000 (HttpConfig's own default is the agent's 8080):
+    # giving only the host must not change the port.
+    cfg = from_dict(TestbedConfig, {"server": {"http": {"host": "127.0.0.2"}},
+                                    "agent": {"http": {"api_key": "k"}}})  # fmt: skip
+    assert cfg.server.http.port == 8000 and cfg.server.http.host == "127.0.0.2"
+    assert cfg.agent.http.port == 0 and cfg.agent.http.api_key == "k"
+
+
+def test_units_are_milliseconds_where_the_key_says_so(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("fleet:\n  devices: 2\n  profiles: [a, b]\n"
+                 "  network: {rtt_ms: 80, jitter_ms: 0, distribution: constant}\n")  # fmt: skip
+    import numpy as np
+
+    fleet = load_config(p).fleet
+    assert fleet.profiles == ("a", "b")  # a YAML list
+    assert fleet.network.one_way(np.random.default_rng(0)) == pytest.approx(0.040)  # seconds
 
 
 def test_serve_yaml_args_are_a_server_config():
@@ -62,6 +95,12 @@ def test_rayservice_embeds_a_valid_serve_config():
         ("server: [1, 2]\n", "server: expected a mapping"),
         ("ray: {address: 5}\n", "ray.address: expected a string"),
         ("server: {http: {port: 70000}}\n", "port must be in"),
+        ("server: {http: {proxy_location: HeadOnly}}\n", "server.http: unknown key(s)"),
+        ("server: {proxy_location: Somewhere}\n", "proxy_location must be"),
+        ("fleet: {n_devices: 3}\n", "fleet: unknown key(s) n_devices"),
+        ("fleet: {network: {rtt_s: 0.05}}\n", "fleet.network: unknown key(s) rtt_s"),
+        ("agent: {planner_timeout_ms: 0}\n", "planner_timeout_ms must be > 0"),
+        ("agent: {host: 0.0.0.0}\n", "agent: unknown key(s) host"),
         ("a: [unclosed\n", "not valid YAML"),
     ],
 )

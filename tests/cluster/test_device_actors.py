@@ -12,18 +12,20 @@ from disco.cluster.config import (  # noqa: E402
     AgentConfig,
     FleetConfig,
     RayConfig,
+    SchedulerConfig,
     TestbedConfig,
     to_dict,
 )
 from disco.cluster.runtime import connect_ray  # noqa: E402
 
 URL = "http://127.0.0.1:9/unused"
+SCHED = to_dict(SchedulerConfig())
 
 
 def _fleet(server: str, handle=None) -> device_actors.FleetActor:
     fleet = to_dict(FleetConfig(devices=2, server=server))
     return device_actors.FleetActor(
-        fleet, 0, 2, "gpt-4o-mini", URL, "disco-server", None, server_handle=handle
+        fleet, 0, 2, SCHED, URL, "disco-server", None, server_handle=handle
     )
 
 
@@ -51,8 +53,7 @@ def test_start_fleets_and_start_agent_refuse_a_missing_handle_before_starting_ac
 def test_device_agent_set_to_reach_the_server_by_handle_refuses_to_start_without_one():
     with pytest.raises(ValueError, match=r"agent\.server is 'handle' but no Serve"):
         device_actors.DeviceAgentActor(
-            to_dict(AgentConfig(engine="emulated")), URL, "disco-server", "gpt-4o-mini",
-            "xiaomi14-qwen0.5b", None,
+            to_dict(AgentConfig(engine="emulated")), URL, "disco-server", SCHED, None,
         )  # fmt: skip
 
 

@@ -233,9 +233,10 @@ def test_disco_agent_process_plans_with_the_cluster_scheduler(testbed):
     """`disco agent --scheduler ADDRESS`: an agent outside Ray's workers (as on an edge box) that
     joins the cluster for plans and streams from the server over HTTP."""
     import os
-    import signal
     import subprocess
     import sys
+
+    from doubles import stop_process
 
     from disco.cluster.runtime import free_port
 
@@ -264,9 +265,4 @@ def test_disco_agent_process_plans_with_the_cluster_scheduler(testbed):
         _assert_one_ordered_stream(chunks, done)
         assert ray.get(testbed.scheduler.stats.remote())["plans"] > before
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 20)

@@ -17,7 +17,7 @@ from needs import require
 ray = require("ray")
 serve = require("ray.serve")
 
-from disco.cluster.config import SchedulerConfig, ServerConfig  # noqa: E402
+from disco.cluster.config import HttpConfig, SchedulerConfig, ServerConfig  # noqa: E402
 from disco.cluster.planner_client import ActorPlanner  # noqa: E402
 from disco.cluster.runtime import deploy_server, free_port, server_url  # noqa: E402
 from disco.cluster.scheduler_actor import start_scheduler  # noqa: E402
@@ -169,7 +169,8 @@ def test_batched_app_with_api_key(cluster):
     """A second app: Serve-LLM-style stream batching on (20 ms) and an API key required."""
     cfg = ServerConfig(
         engine="emulated", engine_kwargs=FAST_SERVER, num_cpus=0.1, app_name="batched",
-        route_prefix="/batched", stream_batching_interval_ms=20, api_key="sesame",
+        route_prefix="/batched", stream_batching_interval_ms=20,
+        http=HttpConfig(api_key="sesame"),
     )  # fmt: skip
     deploy_server(cfg)
     url = server_url(cfg, cluster)
@@ -273,7 +274,7 @@ def _request(chunks, headers=()):
 async def test_a_body_without_length_is_read_only_up_to_the_cap():
     from disco.scheduler.wire import ApiError
 
-    replica = _replica(max_body_bytes=4096)
+    replica = _replica(http=HttpConfig(max_body_bytes=4096))
     sent = []
 
     def endless():  # a client that never stops sending
@@ -455,6 +456,24 @@ def test_scheduler_restart_keeps_budget_state(cluster, interval):
         ray.kill(actor, no_restart=True)
 
 
+async def test_agents_fallback_is_read_from_the_live_actor_and_follows_reconfigure(cluster):
+    from disco.cluster.config import to_dict
+
+    cfg = SchedulerConfig(policy="disco", regime="server", budget=0.4, actor_name="sched-fb",
+                          checkpoint="none")  # fmt: skip
+    actor = start_scheduler(cfg)
+    try:
+        planner = ActorPlanner.connect(actor, refresh_s=0.0)
+        assert planner.fallback.config == to_dict(cfg)
+        assert planner.fallback.local.policy.name == "disco"
+        await actor.reconfigure.remote(to_dict(replace(cfg, policy="length", budget=0.1)))
+        await planner.refresh()
+        assert planner.fallback.local.policy.name == "length"
+        assert planner.fallback.local.policy.config.budget == 0.1
+    finally:
+        ray.kill(actor, no_restart=True)
+
+
 def test_scheduler_restart_keeps_a_reconfigured_config(cluster):
     from disco.cluster.config import to_dict
 
@@ -477,7 +496,7 @@ def test_scheduler_restart_keeps_a_reconfigured_config(cluster):
 
 async def test_requests_keep_flowing_through_a_scheduler_restart(cluster):
     actor = start_scheduler(_sched_cfg("sched-flow", checkpoint_interval_s=0.0))
-    planner = ActorPlanner(actor, timeout_s=30.0)
+    planner = ActorPlanner(actor)
     try:
         first = await asyncio.gather(*(planner.plan(Request(f"a{i}", 0.0, 5)) for i in range(50)))
         assert len(first) == 50
@@ -487,7 +506,6 @@ async def test_requests_keep_flowing_through_a_scheduler_restart(cluster):
         # calls made while the actor restarts are retried by Ray and answered by the new one
         plans = await asyncio.gather(*(planner.plan(Request(f"b{i}", 0.0, 5)) for i in range(50)))
         assert [p.request_id for p in plans] == [f"b{i}" for i in range(50)]
-        assert planner.stats.fallbacks == 0
         for _ in range(600):  # the restart may finish after those calls were answered
             if await actor.ping.remote() != pid:
                 break

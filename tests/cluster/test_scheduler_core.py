@@ -12,6 +12,7 @@ from doubles import CountingPolicy, UnpicklablePolicy  # tests/cluster is on sys
 from disco.cluster import wire
 from disco.cluster.planner_client import ActorPlanner
 from disco.cluster.scheduler_state import BudgetLedger, Checkpointer, FileStore, SchedulerCore
+from disco.scheduler.endpoint import GenerationRequest
 from disco.scheduler.policies.base import PolicyConfig
 from disco.scheduler.profiles import DEVICE_PROFILES, SERVER_PROFILES
 from disco.scheduler.types import EndpointKind, Regime, Request, RequestOutcome
@@ -76,27 +77,41 @@ class _FakeRemote:
         self.calls = 0
         self.sent: list[asyncio.Future] = []  # every call, to wait for (no sleeps)
 
-    def remote(self, items):
+    def remote(self, *args):
         self.calls += 1
-        self.sent.append(asyncio.ensure_future(self.fn(items)))
+        self.sent.append(asyncio.ensure_future(self.fn(*args)))
         return self.sent[-1]
 
 
 class _FakeActor:
-    """Looks like an actor handle: ``await actor.plan_many.remote(...)``."""
+    """Looks like an actor handle: ``await actor.plan_wire.remote(...)``; ``hang``: plan calls
+    never answer (a hung actor); ``config``: what ``actor.config.remote()`` answers."""
 
-    def __init__(self, core: SchedulerCore, fail: bool = False) -> None:
+    def __init__(
+        self, core: SchedulerCore, fail: bool = False, hang: bool = False, config=None,
+        gate: asyncio.Event | None = None,
+    ) -> None:  # fmt: skip
+        self.config_dict = config
+
         async def plan_wire(reqs):
             await asyncio.sleep(0.001)
             if fail:
                 raise RuntimeError("actor died")
+            if hang:
+                await asyncio.Event().wait()
+            if gate is not None:  # answers once the test opens the gate
+                await gate.wait()
             return [wire.plan_to(p) for p in core.plan_many(map(wire.request_from, reqs), 0.0)]
 
         async def report_many(outs):
             core.observe_many(outs)
 
+        async def config():
+            return self.config_dict
+
         self.plan_wire = _FakeRemote(plan_wire)
         self.report_many = _FakeRemote(report_many)
+        self.config = _FakeRemote(config)
 
 
 async def test_planner_batches_concurrent_callers():
@@ -111,23 +126,82 @@ async def test_planner_batches_concurrent_callers():
     assert core.ledger.requests == 10 and actor.report_many.calls == 1
 
 
-async def test_planner_falls_back_to_a_race_when_the_actor_fails():
+async def test_an_actor_error_reaches_the_caller():
+    # No fallback inside the client: the agent decides (one layer), with the client's fallback.
     core = SchedulerCore(_policy(), Regime.SERVER_CONSTRAINED)
     planner = ActorPlanner(_FakeActor(core, fail=True))
-    plan = await planner.plan(Request("r", 0.0, 10))
-    assert plan.server_start == 0.0 and plan.device_start == 0.0
-    assert plan.policy == "fallback-race" and planner.stats.fallbacks == 1
+    with pytest.raises(RuntimeError, match="actor died"):
+        await planner.plan(Request("r", 0.0, 10))
 
 
-async def test_planner_times_out_to_a_race_without_breaking_the_batch():
+async def test_callers_that_give_up_leave_the_batch_alone():
     core = SchedulerCore(_policy(), Regime.SERVER_CONSTRAINED)
-    actor = _FakeActor(core)
-    planner = ActorPlanner(actor, timeout_s=0.0)  # every caller gives up at once
-    plans = await asyncio.gather(*(planner.plan(Request(f"r{i}", 0.0, 10)) for i in range(5)))
-    assert {p.policy for p in plans} == {"fallback-race"} and planner.stats.fallbacks == 5
-    # The batch still completes quietly in the background.
+    gate = asyncio.Event()
+    actor = _FakeActor(core, gate=gate)
+    planner = ActorPlanner(actor)
+    calls = [asyncio.wait_for(planner.plan(Request(f"r{i}", 0.0, 10)), 0.01) for i in range(5)]
+    got = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(g, TimeoutError) for g in got)  # every caller gave up (the agent's
+    gate.set()  # timeout), and then the actor answers: the batch completes quietly
     await asyncio.gather(*actor.plan_wire.sent)
     assert actor.plan_wire.calls == 1 and core.plans == 5
+
+
+SCHED = {"policy": "disco", "regime": "server", "budget": 0.5, "checkpoint": "none"}
+
+
+async def test_a_hanging_scheduler_is_covered_by_its_own_policy_run_locally():
+    """The agent plans locally within its short timeout, with the scheduler's policy and
+    config (budget guard included), and counts it; the fleet's stats count it too."""
+    from disco.cluster.config import SchedulerConfig, from_dict, to_dict
+    from disco.device_agents.config import FleetConfig, NetworkConfig
+    from disco.device_agents.fleet import EmulatedFleet
+
+    config = to_dict(from_dict(SchedulerConfig, SCHED))
+    planner = ActorPlanner(_FakeActor(None, hang=True, config=config), config=config)
+    fleet = EmulatedFleet(
+        FleetConfig(devices=2, time_scale=0.02, planner_timeout_ms=50,
+                    network=NetworkConfig(rtt_ms=1, jitter_ms=0)),
+        planner=planner,
+    )  # fmt: skip
+    agent = fleet.agent("emu-0")
+    assert agent.fallback is planner.fallback
+    t0 = asyncio.get_running_loop().time()
+    ex = await agent.start(GenerationRequest("word " * 40, 4))
+    assert asyncio.get_running_loop().time() - t0 < 0.5  # one short timeout, not seconds
+    # The scheduler's policy, with its budget guard: nothing seen yet, so no server start (a
+    # race, the old fallback, would start it and spend the whole prompt on the server).
+    assert ex.plan.policy == "disco" and ex.plan.server_start is None
+    await ex.collect()
+    assert agent.metrics.planner_fallbacks == 1 and fleet.stats()["planner_fallbacks"] == 1
+    assert "disco_fleet_planner_fallbacks_total" in fleet.metrics_text()
+
+
+async def test_the_fallback_follows_the_schedulers_config():
+    actor = _FakeActor(None, config=dict(SCHED))
+    planner = ActorPlanner(actor, refresh_s=0.0)
+    assert planner.fallback.local is None  # nothing known yet: it would race
+    await planner.refresh()
+    assert planner.fallback.local.policy.config.budget == 0.5
+    actor.config_dict = dict(SCHED, policy="server-only", budget=0.2)  # reconfigured
+    await planner.refresh()
+    assert planner.fallback.local.policy.name == "server-only"
+    assert planner.fallback.local.policy.config.budget == 0.2
+    actor.config_dict = dict(SCHED, policy="no-such-policy")
+    await planner.refresh()  # a config it cannot run keeps the last one
+    assert planner.fallback.local.policy.name == "server-only"
+    assert planner.stats.config_refreshes == 3
+
+
+async def test_plans_refresh_the_config_in_the_background():
+    core = SchedulerCore(_policy(), Regime.SERVER_CONSTRAINED)
+    actor = _FakeActor(core, config=dict(SCHED))
+    planner = ActorPlanner(actor, refresh_s=3600.0)
+    await planner.plan(Request("a", 0.0, 10))
+    await asyncio.gather(*actor.config.sent)
+    await planner.plan(Request("b", 0.0, 10))
+    assert actor.config.calls == 1  # at most once per refresh_s
+    assert planner.fallback.config["policy"] == "disco"
 
 
 def test_wire_round_trip():

@@ -70,7 +70,7 @@ async def test_cancel_aborts_the_request_in_the_engine(engine):
     it = engine.stream(GenerationRequest(PROMPT, 400))
     await anext(it)
     await it.aclose()
-    unfinished = engine._engine.output_processor.get_num_unfinished_requests
+    unfinished = engine.unfinished_requests
     for _ in range(100):
         if unfinished() == 0:
             break

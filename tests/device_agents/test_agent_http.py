@@ -10,12 +10,8 @@ import pytest
 from fakes import Script, ScriptedEndpoint, cheap_device_profiles
 
 from disco.device_agents.agent import AgentConfig, DeviceAgent
-from disco.device_agents.agent_http import (
-    BackgroundServer,
-    HttpConfig,
-    create_app,
-    resolve_api_key,
-)
+from disco.device_agents.agent_http import BackgroundServer, create_app, resolve_api_key
+from disco.device_agents.config import HttpConfig
 from disco.device_agents.coordinator import Coordinator
 from disco.device_agents.local_planner import StaticPlanner
 from disco.scheduler.types import EndpointKind
@@ -38,7 +34,7 @@ def make_agent(server_script=None, device_script=None):
 def served():
     agent = make_agent()
     srv = BackgroundServer(
-        create_app(agent, HttpConfig(max_body_bytes=4096, max_tokens_cap=64))
+        create_app(agent, HttpConfig(max_body_bytes=4096, max_tokens_limit=64))
     )
     url = srv.start()
     yield url, agent
@@ -233,12 +229,30 @@ def test_api_key_is_checked_on_every_request(keyed):
 
 
 def test_exposed_binding_requires_a_key(monkeypatch):
+    monkeypatch.delenv("DISCO_API_KEY", raising=False)
     with pytest.raises(ValueError, match="API key"):
-        HttpConfig(host="0.0.0.0")
-    HttpConfig(host="0.0.0.0", api_key="k")
-    HttpConfig(host="::1")
+        HttpConfig(host="0.0.0.0").check_exposure()
+    HttpConfig(host="0.0.0.0", api_key="k").check_exposure()
+    HttpConfig(host="::1").check_exposure()
+    with pytest.raises(ValueError, match="DISCO_SERVER_API_KEY"):  # each front names its variable
+        HttpConfig(host="10.0.0.5").check_exposure("DISCO_SERVER_API_KEY")
     monkeypatch.setenv("DISCO_API_KEY", "from-env")
+    HttpConfig(host="0.0.0.0").check_exposure()  # the environment's key counts
     assert resolve_api_key(None) == "from-env" and resolve_api_key("cli") == "cli"
+
+
+def test_the_environment_key_is_enforced_by_the_app(monkeypatch):
+    monkeypatch.setenv("DISCO_API_KEY", "env-key")
+    srv = BackgroundServer(create_app(make_agent()))
+    url = srv.start()
+    try:
+        body = {"prompt": "hi", "max_tokens": 2}
+        assert httpx.post(url + "/v1/completions", json=body).status_code == 401
+        ok = httpx.post(url + "/v1/completions", json=body,
+                        headers={"Authorization": "Bearer env-key"})  # fmt: skip
+        assert ok.status_code == 200
+    finally:
+        srv.stop()
 
 
 def test_no_endpoint_left_gives_503_not_500():
@@ -284,10 +298,10 @@ def test_client_going_away_stops_the_endpoints():
 
 
 def test_one_app_over_a_fleet_routes_by_device():
-    from disco.device_agents.fleet import EmulatedFleet, FleetConfig
-    from disco.device_agents.network import NetworkConfig
+    from disco.device_agents.config import FleetConfig, NetworkConfig
+    from disco.device_agents.fleet import EmulatedFleet
 
-    fleet = EmulatedFleet(FleetConfig(n_devices=3, time_scale=0.02, network=NetworkConfig(0.001)))
+    fleet = EmulatedFleet(FleetConfig(devices=3, time_scale=0.02, network=NetworkConfig(1, 0)))
     srv = BackgroundServer(create_app(fleet.agents))
     url = srv.start()
     try:
@@ -302,5 +316,20 @@ def test_one_app_over_a_fleet_routes_by_device():
         text = httpx.get(url + "/metrics").text
         assert 'disco_agent_requests_completed_total{devices="3"} 2' in text
         assert 'disco_agent_requests_rejected_total{devices="3"} 2' in text
+    finally:
+        srv.stop()
+
+
+def test_the_app_answers_to_the_model_names_it_is_given():
+    srv = BackgroundServer(create_app(make_agent(), models=("small", "alias")))
+    url = srv.start()
+    try:
+        listed = httpx.get(url + "/v1/models").json()["data"]
+        assert [m["id"] for m in listed] == ["small", "alias"]
+        body = {"prompt": "hi", "max_tokens": 2}
+        r = httpx.post(url + "/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["model"] == "small"  # the first is the default
+        assert httpx.post(url + "/v1/completions", json=body | {"model": "alias"}).status_code == 200
+        assert httpx.post(url + "/v1/completions", json=body | {"model": "disco"}).status_code == 404
     finally:
         srv.stop()

@@ -7,14 +7,14 @@ import pickle
 
 import pytest
 
-from disco.device_agents.fleet import EmulatedFleet, FleetConfig
+from disco.device_agents.config import FleetConfig, NetworkConfig
+from disco.device_agents.fleet import EmulatedFleet
 from disco.device_agents.local_planner import StaticPlanner
-from disco.device_agents.network import NetworkConfig
 from disco.device_agents.results import read_results
 from disco.scheduler.types import EndpointKind, MigrationRule
 
 FAST = dict(
-    time_scale=0.02, network=NetworkConfig(rtt_s=0.001, jitter_s=0.001, distribution="exponential")
+    time_scale=0.02, network=NetworkConfig(rtt_ms=1, jitter_ms=1, distribution="exponential")
 )
 
 
@@ -27,7 +27,7 @@ def check_stream(d, n):
 
 async def test_concurrent_requests_across_devices(tmp_path):
     path = tmp_path / "results.jsonl"
-    fleet = EmulatedFleet(FleetConfig(n_devices=12, results_path=str(path), **FAST))
+    fleet = EmulatedFleet(FleetConfig(devices=12, **FAST), results_path=str(path))
     ids = fleet.device_ids()
     assert len(ids) == 12 and len(set(ids)) == 12
     jobs = [
@@ -47,7 +47,7 @@ async def test_concurrent_requests_across_devices(tmp_path):
 async def test_devices_have_their_own_profiles():
     fleet = EmulatedFleet(
         FleetConfig(
-            n_devices=4, device_profiles=("xiaomi14-qwen0.5b", "pixel7pro-bloom1.1b"), **FAST
+            devices=4, profiles=("xiaomi14-qwen0.5b", "pixel7pro-bloom1.1b"), **FAST
         )
     )
     names = [a.coordinator.device_profile.name for a in fleet.agents.values()]
@@ -57,7 +57,7 @@ async def test_devices_have_their_own_profiles():
 
 async def test_server_failure_fails_over_to_each_device():
     fleet = EmulatedFleet(
-        FleetConfig(n_devices=6, server_fail_after_tokens=5, **FAST),
+        FleetConfig(devices=6, server_fail_after_tokens=5, **FAST),
         planner=StaticPlanner(server_start=0.0, device_start=None),
     )
     results = await asyncio.gather(
@@ -75,7 +75,7 @@ async def test_server_failure_fails_over_to_each_device():
 
 async def test_migration_in_the_fleet_moves_decoding_to_the_device():
     fleet = EmulatedFleet(
-        FleetConfig(n_devices=3, **FAST),
+        FleetConfig(devices=3, **FAST),
         planner=StaticPlanner(
             0.0, None, migration=MigrationRule(EndpointKind.DEVICE, EndpointKind.SERVER)
         ),
@@ -94,22 +94,26 @@ async def test_migration_in_the_fleet_moves_decoding_to_the_device():
 
 
 async def test_stream_yields_dicts_in_order():
-    fleet = EmulatedFleet(FleetConfig(n_devices=2, **FAST))
+    fleet = EmulatedFleet(FleetConfig(devices=2, **FAST))
     got = [ev async for ev in fleet.stream("emu-1", "hi there", 10)]
     assert [e["index"] for e in got] == list(range(10)) and got[-1]["finish_reason"] == "length"
     await fleet.close()
 
 
 def test_fleet_config_crosses_process_boundaries():
-    cfg = FleetConfig(n_devices=3, **FAST)
+    cfg = FleetConfig(devices=3, **FAST)
     assert pickle.loads(pickle.dumps(cfg)) == cfg
 
 
 def test_bad_fleet_config_is_refused():
     with pytest.raises(ValueError):
-        FleetConfig(n_devices=0)
+        FleetConfig(devices=-1)
     with pytest.raises(ValueError):
-        FleetConfig(device_profiles=())
+        FleetConfig(profiles=())
+    with pytest.raises(ValueError, match="planner_timeout_ms"):
+        FleetConfig(planner_timeout_ms=0)
+    with pytest.raises(ValueError, match="devices > 0"):
+        EmulatedFleet(FleetConfig(devices=0))  # a config may have none; a fleet may not
 
 
 def test_outcome_dict_round_trip():

@@ -13,11 +13,17 @@ def test_test_model_resolves_to_a_gguf():
     assert path.suffix == ".gguf" and path.read_bytes()[:4] == b"GGUF"
 
 
-def test_default_model_is_assembled_into_the_cache(tmp_path, monkeypatch):
+def test_the_default_is_the_small_device_model():
+    # Not the demo's server model (gemma3-270m): a device runs the smaller one.
+    assert models.DEFAULT_DEVICE_MODEL == "smollm2-135m"
+    assert resolve_model() == resolve_model("smollm2-135m")
+
+
+def test_a_chunked_model_is_assembled_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DISCO_CACHE_DIR", str(tmp_path))
-    path = resolve_model()
+    path = resolve_model("gemma3-270m")
     assert path.parent == tmp_path and path.read_bytes()[:4] == b"GGUF"
-    assert resolve_model() == path  # second call reuses the assembled file
+    assert resolve_model("gemma3-270m") == path  # second call reuses the assembled file
 
 
 def test_a_plain_path_is_accepted(tmp_path):

@@ -150,3 +150,26 @@ def test_the_budget_is_a_sliding_window_not_a_lifetime_total() -> None:
         definite += 100 * (plan.start_of(EndpointKind.SERVER) == 0.0)
     assert definite <= (0.3 + 0.01) * (100 * 100 + 200 * 100) + 1e-6  # 9,300, not 21,700
     assert definite > 0
+
+
+def test_a_planned_hedge_reserves_its_expected_spend() -> None:
+    """DiSCo-D's hedges are counted in flight at the probability that they fire."""
+    from disco.scheduler.simulator import run_scalar
+
+    srv, dev = SERVER_PROFILES.get("gpt-4o-mini"), DEVICE_PROFILES.get("xiaomi14-qwen0.5b")
+    cfg = PolicyConfig(regime=Regime.DEVICE_CONSTRAINED, budget=0.3, seed=3)
+    policy = make_policy("disco", cfg, srv, dev)
+    run_scalar(policy, _world(_trace(600, 7), 7, "gpt-4o-mini", "xiaomi14-qwen0.5b"))
+    expected = 0.0
+    hedges = 0
+    for i, n in enumerate(r.prompt_tokens for r in _trace(200, 8)):
+        plan = policy.plan(Request(f"h-{i}", 1e6, n), now=1e6)
+        if plan.device_start not in (None, 0.0):
+            hedges += 1
+            share = policy.hedge_fire_share(plan.device_start)
+            assert 0.0 < share < 1.0
+            expected += n * share
+        elif plan.device_start == 0.0:
+            expected += n
+    assert hedges > 0
+    assert policy.inflight_spent == pytest.approx(expected)
