@@ -298,7 +298,12 @@ class Checkpointer:
             self._timer.cancel()
             self._timer = None
         while self._writing is not None:  # let the write in flight finish: writes stay ordered
-            await asyncio.shield(self._writing)
+            fut = self._writing
+            await asyncio.shield(fut)
+            if self._writing is fut:
+                # Done, but its done-callback (``_written``) has not run yet: awaiting a done
+                # future does not yield, so yield once to let it run (else this spins forever).
+                await asyncio.sleep(0)
         self._dirty = True
         self._start()
         if self._writing is not None:

@@ -36,7 +36,7 @@ import numpy as np
 
 from .batching import Emission, Replica, ServerPreset, power_of_two
 from .billing import prompt_charge
-from .metrics import DEFAULT_EXPECTED_TTFT_S, DEFAULT_TDS, qoe, summarize_arrays
+from .metrics import DEFAULT_EXPECTED_TTFT_S, DEFAULT_TDS, summarize
 from .migration import MigrationConfig, decide_migration, migration_latency
 from .policies import PolicyConfig, make_policy
 from .presets import preset_profile
@@ -120,9 +120,6 @@ class _Req:
 @dataclass
 class CausalResult:
     outcomes: list[RequestOutcome]
-    ttft: np.ndarray
-    qoe: np.ndarray
-    gaps: np.ndarray
     server_gpu_s: np.ndarray
     summary: dict
     replica_samples: list[list[tuple[float, int, int, int]]]
@@ -603,27 +600,9 @@ def run_causal(
     outs = [outs[j] for j in order]
     gpu = np.array([sim.gpu_s[j] for j in order])
     ok = [o for o in outs if o.error is None and len(o.token_times)]
-    ttft = np.array([o.token_times[0] - o.arrival for o in ok])
-    q = np.array([qoe(o.token_times, o.arrival, settings.expected_ttft, settings.tds) for o in ok])
-    gaps = np.concatenate([np.diff(o.token_times) for o in ok]) if ok else np.zeros(0)
-    summary = summarize_arrays(
-        ttft=ttft,
-        qoe=q,
-        gap_values=gaps,
-        gap_weights=np.ones(gaps.size, dtype=np.int64),
-        prompt_tokens=np.array([o.prompt_tokens for o in outs], dtype=float),
-        output_tokens=np.array([len(o.token_times) for o in outs], dtype=float),
-        server_prompt=np.array([o.server_prompt_tokens for o in outs], dtype=float),
-        server_output=np.array([o.server_output_tokens for o in outs], dtype=float),
-        device_prompt=np.array([o.device_prompt_tokens for o in outs], dtype=float),
-        device_output=np.array([o.device_output_tokens for o in outs], dtype=float),
-        server_cost=np.array([o.server_cost for o in outs], dtype=float),
-        device_energy_j=np.array([o.device_energy_j for o in outs], dtype=float),
-        migrations=sum(o.migrated_at is not None for o in outs),
-        errors=len(outs) - len(ok),
-        regime=regime or getattr(policy, "regime", None),
-        device_usd_per_j=device.lambda_usd_per_j,
-    )
+    regime = regime or getattr(policy, "regime", None)
+    summary = summarize(outs, regime, settings.expected_ttft, settings.tds)
+    summary["device_cost"] = summary["device_energy_j"] * device.lambda_usd_per_j
     span = (max(float(o.token_times[-1]) for o in ok) - min(o.arrival for o in outs)) if ok else 0.0
     summary["server_gpu_s"] = float(gpu.sum())
     summary["server_cost_tokens"] = float(
@@ -632,7 +611,7 @@ def run_causal(
     summary["server_replica_usd"] = settings.replicas * span * preset.usd_per_hour / 3600.0
     summary["replica_busy"] = [r.stats.busy_s / span if span else 0.0 for r in sim.replicas]
     return CausalResult(
-        outcomes=outs, ttft=ttft, qoe=q, gaps=gaps, server_gpu_s=gpu, summary=summary,
+        outcomes=outs, server_gpu_s=gpu, summary=summary,
         replica_samples=[r.stats.samples for r in sim.replicas],
         replica_busy_s=[r.stats.busy_s for r in sim.replicas], events=sim.n_events,
     )  # fmt: skip

@@ -107,7 +107,7 @@ def summarize(
     ratio"); ``budget_used_full`` the same share over prompt + output tokens (our full-cost variant).
     Failed requests (``error`` set, no tokens) count in ``errors`` and not in latency aggregates.
     """
-    ok = [o for o in outcomes if o.error is None and o.token_times]
+    ok = [o for o in outcomes if o.error is None and len(o.token_times)]
     gaps = [np.diff(np.asarray(o.token_times, dtype=float)) for o in ok]
     gap_arr = np.concatenate(gaps) if gaps else np.zeros(0)
     return summarize_arrays(

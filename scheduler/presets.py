@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .batching import ServerPreset, StepModel
-from .profiles import LogNormalComponent, Prices, ServerProfile
+from .profiles import LogNormalComponent, Prices, ServerProfile, read_json_object
 from .registry import Registry
 
 SERVER_PRESETS: Registry[ServerPreset] = Registry("server preset")
@@ -53,16 +53,8 @@ def load_preset(name_or_path: str | ServerPreset) -> ServerPreset:
         return name_or_path
     if name_or_path in SERVER_PRESETS:
         return SERVER_PRESETS.get(name_or_path)
-    path = Path(name_or_path)
-    if path.suffix == ".json" or path.exists():
-        if not path.is_file():
-            raise ValueError(f"server preset file not found: {name_or_path}")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read server preset {name_or_path}: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"server preset {name_or_path}: expected a JSON object")
+    data = read_json_object(name_or_path, "server preset")
+    if data is not None:
         return preset_from_dict(data)
     return SERVER_PRESETS.get(name_or_path)  # raises UnknownNameError listing the known names
 

@@ -251,6 +251,23 @@ def profile_from_dict(d: dict[str, Any]) -> Profile:
     raise ValueError(f"profile 'kind' must be 'server' or 'device', got {kind!r}")
 
 
+def read_json_object(name_or_path: str, what: str) -> dict[str, Any] | None:
+    """The JSON object in a file named like one (``.json``, or an existing path); None when the
+    name is not a file name (a registered name, then). Clear ValueErrors for bad files."""
+    path = Path(name_or_path)
+    if not (path.suffix == ".json" or path.exists()):
+        return None
+    if not path.is_file():
+        raise ValueError(f"{what} file not found: {name_or_path}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {what} {name_or_path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {name_or_path}: expected a JSON object")
+    return data
+
+
 def load_profile(name_or_path: str, kind: str) -> Profile:
     """A named profile, or a JSON file (as written by ``disco profile``). For servers,
     ``preset:NAME`` is the load-free view of a self-hosted server preset (``presets.py``)."""
@@ -261,16 +278,8 @@ def load_profile(name_or_path: str, kind: str) -> Profile:
     reg = SERVER_PROFILES if kind == "server" else DEVICE_PROFILES
     if name_or_path in reg:
         return reg.get(name_or_path)
-    path = Path(name_or_path)
-    if path.suffix == ".json" or path.exists():
-        if not path.is_file():
-            raise ValueError(f"{kind} profile file not found: {name_or_path}")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read {kind} profile {name_or_path}: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{kind} profile {name_or_path}: expected a JSON object")
+    data = read_json_object(name_or_path, f"{kind} profile")
+    if data is not None:
         prof = profile_from_dict(data)
         if prof.kind != kind:
             raise ValueError(f"{name_or_path} is a {prof.kind} profile, expected {kind}")

@@ -221,7 +221,7 @@ def device_totals(tb: Any) -> dict[str, Any]:
         parts.append(ray.get(tb.agent.metrics.remote(), timeout=30))
     parts.extend(ray.get([f.stats.remote() for f in tb.fleets], timeout=30))
     keys = ("server_cost_usd", "device_energy_j", "migrations", "tokens_server", "tokens_device",
-            "completed", "failed", "planner_errors")  # fmt: skip
+            "completed", "failed", "planner_errors", "planner_fallbacks")  # fmt: skip
     tot = {k: sum(p.get(k, 0) for p in parts) for k in keys}
     stats = ray.get(tb.scheduler.stats.remote(), timeout=30)
     tot["budget_used"] = stats.get("spent_ratio")

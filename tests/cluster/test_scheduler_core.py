@@ -287,3 +287,37 @@ async def test_a_failed_checkpoint_is_counted_and_retried():
     assert ckpt.errors == 1 and ckpt.stats()["checkpoints"] == 1
     assert pickle.loads(store.blobs[-1])["ledger"].requests == 1
     ckpt.close()
+
+
+def test_flush_after_a_write_finished_unseen_does_not_spin():
+    """A write that is done while its done-callback still waits in the loop's queue (the task
+    that flushes woke up in the same loop iteration): flush must yield to let it run. It used to
+    spin on the done future and freeze the scheduler actor (seen in a CI run)."""
+
+    async def scenario() -> None:
+        core = SchedulerCore(_policy(), Regime.SERVER_CONSTRAINED)
+        store = _GatedStore()
+        store.gate.set()
+        ckpt = Checkpointer(store, core.snapshot, interval_s=0.0)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        ckpt._writing = done
+        done.add_done_callback(ckpt._written)  # queued with call_soon, not run yet
+        await ckpt.flush()
+        assert ckpt.writes == 2  # the one that had ended, then the flush's own
+        ckpt.close()
+
+    # On its own thread and loop: a spinning flush never yields, so only a join can time out.
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(scenario())
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "flush spun on a finished write"
+    assert not errors, errors
