@@ -113,6 +113,29 @@ SERVER_PRESETS.add(
     ),
 )
 
+# The same engine as the demo's llama.cpp server replica runs it: 1 thread (n_threads 1, beside the
+# real device agent's llama.cpp on the other core). Measured here by `disco profile --endpoint
+# llamacpp --model gemma3-270m --threads 1` (scheduler/data/profile-llamacpp-gemma3-270m-1thread
+# .json): prefill 311 tok/s, decode 50 tok/s, no measurable fixed TTFT term.
+SERVER_PRESETS.add(
+    "llamacpp-gemma3-270m-cpu1",
+    ServerPreset(
+        name="llamacpp-gemma3-270m-cpu1",
+        step=StepModel(base_s=0.0, prefill_token_s=1 / 311.1, decode_seq_s=1 / 49.94),
+        kv_tokens=2048,
+        max_batched_tokens=512,
+        max_num_seqs=1,
+        block_size=1,
+        prefix_caching=False,
+        usd_per_hour=0.0,  # [assumption] a CPU box already owned
+        input_per_mtok=0.15,  # [assumption] priced like gpt-4o-mini so cost columns compare
+        output_per_mtok=0.60,
+        model="gemma-3-270m Q4_K_M (GGUF)",
+        hardware="1 thread of a 2-core x86-64 box, llama.cpp (the demo's server replica)",
+        source="fitted from scheduler/data/profile-llamacpp-gemma3-270m-1thread.json (measured here)",
+    ),
+)
+
 # Llama-3-8B (bf16) under vLLM on one NVIDIA A10G (24 GB, 600 GB/s; AWS g5.xlarge). The demo's
 # default: a GPU class whose queue matters at the rates this 2-core machine can stream through
 # Ray Serve. Our first-principles numbers (assumptions, to be replaced by a fit from a real

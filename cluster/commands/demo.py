@@ -164,7 +164,7 @@ def testbed_config(
 
     server_profile = f"preset:{preset}"  # the load-free prior the policies start from
     if engine == "llamacpp":
-        server_profile = "preset:llamacpp-gemma3-270m-cpu2"
+        server_profile = "preset:llamacpp-gemma3-270m-cpu1"  # its n_threads: 1
         server = ServerConfig(
             engine="llamacpp", num_cpus=1.0, http=HttpConfig(port=0), num_replicas=replicas,
             engine_kwargs={"model": SERVER_MODEL, "kind": "server", "n_threads": 1, "n_ctx": 2048},
@@ -520,7 +520,7 @@ def _simulated_preset(preset: Any, engine: str) -> Any:
     if engine == "emulated":
         return preset
     if engine == "llamacpp":
-        return load_preset("llamacpp-gemma3-270m-cpu2")
+        return load_preset("llamacpp-gemma3-270m-cpu1")  # the replica's 1 thread
     return None
 
 
