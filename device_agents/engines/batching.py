@@ -32,7 +32,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from disco.device_agents.engines.emulated import EmulatedEndpoint, EmulatedStats
+from disco.device_agents.engines.emulated import EmulatedEndpoint, EmulatedStats, check_faults
 from disco.scheduler.batching import Replica, ServerPreset
 from disco.scheduler.endpoint import EndpointFailedError, GenerationRequest, InvalidRequestError
 from disco.scheduler.presets import load_preset
@@ -75,10 +75,7 @@ class BatchingEndpoint:
             raise ValueError(f"time_scale must be > 0, got {time_scale}")
         if context_tokens is not None and context_tokens <= 0:
             raise ValueError(f"context_tokens must be > 0, got {context_tokens}")
-        for label, v in (("fail_after_tokens", fail_after_tokens),
-                         ("stall_after_tokens", stall_after_tokens)):  # fmt: skip
-            if v is not None and v < 0:
-                raise ValueError(f"{label} must be >= 0, got {v}")
+        check_faults(fail_after_tokens, stall_after_tokens)
         self.seed = seed
         self.time_scale = time_scale
         self.context_tokens = min(context_tokens or self.preset.kv_tokens, self.preset.kv_tokens)

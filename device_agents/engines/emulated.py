@@ -71,6 +71,14 @@ def resolve_profile(profile: Profile | str, kind: EndpointKind | str | None = No
     raise ValueError(f"unknown profile {profile!r}: not a registered name ({known}) nor a file")
 
 
+def check_faults(fail_after_tokens: int | None, stall_after_tokens: int | None) -> None:
+    """The emulated engines' fault-injection knobs (see the module doc): None or >= 0."""
+    for label, v in (("fail_after_tokens", fail_after_tokens),
+                     ("stall_after_tokens", stall_after_tokens)):  # fmt: skip
+        if v is not None and v < 0:
+            raise ValueError(f"{label} must be >= 0, got {v}")
+
+
 @dataclass(slots=True)
 class EmulatedStats:
     """Counters a test (or the coordinator's tests) can inspect."""
@@ -110,10 +118,7 @@ class EmulatedEndpoint:
             raise ValueError(f"time_scale must be >= 0, got {time_scale}")
         if context_tokens <= 0:
             raise ValueError(f"context_tokens must be > 0, got {context_tokens}")
-        for label, v in (("fail_after_tokens", fail_after_tokens),
-                         ("stall_after_tokens", stall_after_tokens)):  # fmt: skip
-            if v is not None and v < 0:
-                raise ValueError(f"{label} must be >= 0, got {v}")
+        check_faults(fail_after_tokens, stall_after_tokens)
         self.seed = seed
         self.time_scale = time_scale
         self.context_tokens = context_tokens
