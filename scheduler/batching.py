@@ -146,7 +146,7 @@ class Seq:
 
     __slots__ = (
         "id", "prompt", "max_tokens", "arrival", "key", "share", "computed", "out", "kv",
-        "admitted", "aborted_at", "first_at", "gpu_s", "prompt_done", "cache_hit", "preemptions",
+        "admitted", "aborted_at", "first_at", "gpu_s", "cache_hit", "preemptions",
         "watch",
     )  # fmt: skip
 
@@ -166,7 +166,6 @@ class Seq:
         self.aborted_at: float | None = None
         self.first_at: float | None = None
         self.gpu_s = 0.0  # replica time attributed to this sequence (for self-hosted cost)
-        self.prompt_done = 0  # prompt tokens computed (billing: a cut prefill is charged this)
         self.cache_hit = 0
         self.preemptions = 0
         # A driver that must see this sequence's token with index ``watch`` as its own step (to
@@ -349,7 +348,6 @@ class Replica:
                 continue
             if k == 1:
                 seq.computed += n
-                seq.prompt_done = min(seq.prompt, seq.computed)
                 if seq.computed < seq.ctx:
                     continue  # a prefill chunk: no token yet
                 idx = seq.out
