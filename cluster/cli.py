@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "demo": "demo",
     "sim": "sim",
     "serve": "serve",
+    "status": "status",
+    "down": "down",
     "agent": "agent",
     "load": "load",
     "profile": "profile",

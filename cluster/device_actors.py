@@ -68,7 +68,7 @@ def build_agent(
     from disco.device_agents.agent import DeviceAgent
     from disco.device_agents.coordinator import Coordinator
 
-    coord = Coordinator(server, device, server_profile, device_profile)
+    coord = Coordinator(server, device, server_profile, device_profile, config.coordinator())
     return DeviceAgent(coord, planner, config)
 
 
@@ -205,6 +205,31 @@ def _placement(num_cpus: float, resources: dict[str, float]) -> dict[str, Any]:
     return opts
 
 
+# ---- names: how `disco status` and `disco down` find what a testbed started ---------------------
+
+
+def actor_prefix(scheduler_name: str) -> str:
+    """The fleet and agent actors a testbed starts are named ``<scheduler>.fleet<i>.<run>`` and
+    ``<scheduler>.agent.<device id>.<run>`` in the testbed's namespace (``<run>`` is new at
+    each start, so a restart never waits for a killed actor to release its name)."""
+    return f"{scheduler_name}."
+
+
+def _run_token() -> str:
+    import uuid
+
+    return uuid.uuid4().hex[:6]
+
+
+def _register(scheduler: Any, entry: dict[str, Any]) -> None:
+    """Tell the scheduler actor (fire and forget: a scheduler without ``register`` or one that
+    is down costs nothing here; ``disco status`` also finds the actors by name)."""
+    if scheduler is None:
+        return
+    with contextlib.suppress(Exception):
+        scheduler.register.remote(entry)
+
+
 def start_fleets(
     cfg: TestbedConfig,
     server_url: str,
@@ -220,19 +245,25 @@ def start_fleets(
         return []
     if f.server == "handle":
         require_handle("fleet", server_handle)
-    cls = ray.remote(actor_class).options(**_placement(f.num_cpus, f.resources))
-    handles, left, i = [], f.devices, 0
+    cls = ray.remote(actor_class)
+    run = _run_token()
+    handles, names, left, i = [], [], f.devices, 0
     while left > 0:
         n = min(left, f.devices_per_actor)
+        names.append(f"{actor_prefix(cfg.scheduler.actor_name)}fleet{i}.{run}")
+        opts = _placement(f.num_cpus, f.resources) | {"name": names[-1]}
         handles.append(
-            cls.remote(
+            cls.options(**opts).remote(
                 to_dict(f), i, n, to_dict(cfg.scheduler), server_url, cfg.server.model_name,
                 scheduler, server_handle,
             )
         )  # fmt: skip
         left -= n
         i += 1
-    ray.get([h.device_ids.remote() for h in handles])  # surface construction errors now
+    ids = ray.get([h.device_ids.remote() for h in handles])  # surface construction errors now
+    for i, (name, devices) in enumerate(zip(names, ids, strict=True)):
+        _register(scheduler, {"id": f"fleet{i}", "kind": "fleet", "devices": len(devices),
+                              "actor": name, "server": f.server})  # fmt: skip
     return handles
 
 
@@ -339,20 +370,25 @@ def start_agent(
     a = cfg.agent
     if a.server == "handle":
         require_handle("agent", server_handle)
+    name = f"{actor_prefix(cfg.scheduler.actor_name)}agent.{a.device_id}.{_run_token()}"
     cls = ray.remote(DeviceAgentActor).options(
-        **_placement(a.num_cpus, a.resources), max_concurrency=1000
+        **_placement(a.num_cpus, a.resources), max_concurrency=1000, name=name
     )
     handle = cls.remote(
         to_dict(a), server_url, cfg.server.model_name, to_dict(cfg.scheduler), scheduler,
         server_handle,
     )  # fmt: skip
-    return handle, ray.get(handle.start.remote())
+    url = ray.get(handle.start.remote())
+    _register(scheduler, {"id": a.device_id, "kind": "agent-actor", "devices": 1, "actor": name,
+                          "url": url, "engine": a.engine})  # fmt: skip
+    return handle, url
 
 
 __all__ = [
     "DeviceAgentActor",
     "FleetActor",
     "FleetHttpActor",
+    "actor_prefix",
     "build_agent",
     "build_device_engine",
     "profiles",

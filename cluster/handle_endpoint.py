@@ -38,7 +38,8 @@ class ServeHandleEndpoint:
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
         req.validate()
-        body = request_body(req, self.model, extensions=True)
+        # A chat request goes as its messages: the replica renders them with its own template.
+        body = request_body(req, self.model, messages=req.chat_messages(), extensions=True)
         gen = self.handle.options(stream=True).generate.remote(body)
         chunks = (decode_chunk(item) async for item in gen)
         try:

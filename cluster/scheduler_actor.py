@@ -11,6 +11,10 @@
   and ``__init__`` restores it, so a restarted actor keeps its budget accounting and config.
   Callers' in-flight calls are retried (``max_task_retries=-1``). The write runs off the event
   loop that answers plans (:class:`~disco.cluster.scheduler_state.Checkpointer`).
+- ``reconfigure(config)`` switches policy, budget, regime or profiles live (``disco serve`` run
+  again) and answers what changed; ``status()`` is what ``disco status`` shows, including the
+  small registry of device agents and fleets that ``register`` fills (kept in memory only:
+  fleets register once at start, standalone agents every few seconds).
 """
 
 from __future__ import annotations
@@ -25,8 +29,15 @@ import ray
 from disco.cluster import wire
 from disco.cluster.config import SchedulerConfig, from_dict, to_dict
 from disco.cluster.resolve import check_live_policy, policy_from_config
-from disco.cluster.scheduler_state import Checkpointer, SchedulerCore, make_store
+from disco.cluster.scheduler_state import Checkpointer, NullStore, SchedulerCore, make_store
 from disco.scheduler.types import Plan, Regime, Request, RequestOutcome
+
+# Keys ``reconfigure`` applies without rebuilding the policy; any other change (policy, budget,
+# regime, migration, window, profiles...) rebuilds it.
+NON_POLICY_KEYS = frozenset({"checkpoint_interval_s"})
+# Fixed when the actor is created (its name, restarts, store, placement): a change needs a new
+# actor (``disco down``, then ``disco serve``); ``reconfigure`` reports and keeps them.
+CREATION_KEYS = frozenset({"actor_name", "max_restarts", "checkpoint", "num_cpus", "resources"})
 
 
 class SchedulerActor:
@@ -52,6 +63,8 @@ class SchedulerActor:
             lambda: self.core.snapshot(to_dict(self.cfg)),
             self.cfg.checkpoint_interval_s,
         )
+        self.started_at = time.time()
+        self.devices: dict[str, dict[str, Any]] = {}  # registry: id -> entry (``register``)
 
     async def ping(self) -> int:
         """The actor's process id (changes when Ray restarts it)."""
@@ -80,14 +93,26 @@ class SchedulerActor:
         """Write the state now and wait until it is written (tests, shutdown)."""
         await self.checkpointer.flush()
 
-    async def reconfigure(self, config: dict[str, Any]) -> None:
-        """Switch policy or budget live; the ledger (the budget spent so far) carries over."""
-        cfg = from_dict(SchedulerConfig, config, "scheduler")
-        self.core.policy = policy_from_config(cfg)
-        self.core.regime = Regime(cfg.regime)
-        self.cfg = cfg
-        self.checkpointer.interval_s = cfg.checkpoint_interval_s
-        await self.checkpoint()
+    async def reconfigure(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Switch policy, budget, regime or profiles live; the ledger (the budget spent so far)
+        carries over. Returns ``{"changed": {key: [old, new]}, "kept": {key: [old, asked]},
+        "version": n}``: ``kept`` lists keys fixed at the actor's creation (``CREATION_KEYS``),
+        left as they are. Nothing changed: nothing is rebuilt and the version stays."""
+        asked = from_dict(SchedulerConfig, config, "scheduler")
+        old, new = to_dict(self.cfg), to_dict(asked)
+        kept = {k: [old[k], new[k]] for k in sorted(CREATION_KEYS) if old[k] != new[k]}
+        new.update({k: old[k] for k in kept})
+        changed = {k: [old[k], new[k]] for k in new if old[k] != new[k]}
+        if changed:
+            cfg = from_dict(SchedulerConfig, new, "scheduler")
+            if changed.keys() - NON_POLICY_KEYS:
+                self.core.policy = policy_from_config(cfg)  # raises before anything changed
+            self.core.regime = Regime(cfg.regime)
+            self.cfg = cfg
+            self.core.config_version += 1
+            self.checkpointer.interval_s = cfg.checkpoint_interval_s
+            await self.checkpoint()
+        return {"changed": changed, "kept": kept, "version": self.core.config_version}
 
     async def config(self) -> dict[str, Any]:
         """The current config (as ``reconfigure`` left it): what device agents run locally
@@ -101,6 +126,65 @@ class SchedulerActor:
             | self.checkpointer.stats()
             | {"node_id": node, "config": to_dict(self.cfg)}
         )
+
+    # ---- operations: the registry of devices, status, teardown --------------------------------
+
+    async def register(self, entry: dict[str, Any]) -> None:
+        """A device agent or fleet says it is up (again): ``id``, ``kind`` (``agent``, ``fleet``,
+        ``agent-actor``), ``devices`` and whatever else it wants shown (``actor``: its actor's
+        name, ``url``, ``metrics``: its counters). A later call with the same id replaces it."""
+        now = time.time()
+        key = str(entry["id"])
+        first = self.devices.get(key, {}).get("registered_at", now)
+        self.devices[key] = dict(entry) | {"id": key, "registered_at": first, "seen_at": now}
+
+    async def unregister(self, device_id: str) -> bool:
+        return self.devices.pop(str(device_id), None) is not None
+
+    async def status(self) -> dict[str, Any]:
+        """What ``disco status`` shows, as plain data: the policy, the budget (target, the share
+        spent since the actor's ledger began, and over the policy's sliding window), the config
+        version, counters with this actor's clock (``t``: two samples give plans/s) and the
+        registry of devices."""
+        ctx = ray.get_runtime_context()
+        policy = self.core.policy
+        seen = getattr(policy, "budget_seen", None)
+        spent = getattr(policy, "budget_spent", None)
+        window = getattr(policy, "window", None)
+        led = self.core.ledger
+        return {
+            "name": self.cfg.actor_name,
+            "namespace": ctx.namespace,
+            "node_id": ctx.get_node_id(),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "policy": getattr(policy, "name", None) or self.cfg.policy,
+            "regime": self.cfg.regime,
+            "migration": self.cfg.migration,
+            "config_version": self.core.config_version,
+            "budget": {
+                "target": self.cfg.budget,
+                "spent_share": led.spent_ratio(self.core.regime),
+                "window": self.cfg.window,
+                "window_requests": min(getattr(window, "n", 0), self.cfg.window),
+                "window_share": spent / seen if seen else None,
+            },
+            "plans": self.core.plans,
+            "requests": led.requests,
+            "errors": led.errors,
+            "migrations": led.migrations,
+            "restores": self.core.restores,
+            "t": time.monotonic(),
+            "config": to_dict(self.cfg),
+            "devices": sorted(self.devices.values(), key=lambda d: d["id"]),
+        } | self.checkpointer.stats()
+
+    async def forget(self) -> None:
+        """Drop the checkpoint and stop writing it (``disco down``: the next actor of this name
+        starts from an empty ledger)."""
+        self.checkpointer.close()  # waits for a write in flight, so none lands after clear()
+        self.checkpointer.store = NullStore()
+        self.store.clear()
 
 
 def start_scheduler(

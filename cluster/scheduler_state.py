@@ -45,8 +45,12 @@ class BudgetLedger:
     first_from_server: int = 0
     first_from_device: int = 0
     migrations: int = 0
+    refused: int = 0  # refused by a saturated device before any work: not in the token counts
 
     def add(self, o: RequestOutcome) -> None:
+        if o.refused:
+            self.refused += 1
+            return
         self.requests += 1
         self.errors += o.error is not None
         self.prompt_tokens += o.prompt_tokens
@@ -86,6 +90,8 @@ class SchedulerCore:
         self.plans_after_fit = 0
         self.plans_not_device_only = 0
         self.restores = 0
+        # Bumped by every reconfigure that changes something; kept across restarts.
+        self.config_version = 1
         # Recent outcomes, to rebuild a policy that cannot be pickled.
         self.recent: deque[RequestOutcome] = deque(maxlen=replay_window)
 
@@ -116,6 +122,7 @@ class SchedulerCore:
             "plans_after_fit": self.plans_after_fit,
             "plans_not_device_only": self.plans_not_device_only,
             "restores": self.restores,
+            "config_version": self.config_version,
             "spent_ratio": self.ledger.spent_ratio(self.regime),
             "ledger": self.ledger.to_dict(),
         }
@@ -127,7 +134,8 @@ class SchedulerCore:
         travels with it so that a restart comes back with a reconfigured policy/budget."""
         state: dict[str, Any] = {"ledger": self.ledger, "plans": self.plans,
                                  "restores": self.restores, "recent": [],
-                                 "config": config}  # fmt: skip
+                                 "config": config,
+                                 "config_version": self.config_version}  # fmt: skip
         try:
             state["policy"] = pickle.dumps(self.policy, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # noqa: BLE001 - any unpicklable member: fall back to replay
@@ -147,6 +155,7 @@ class SchedulerCore:
         self.ledger = state["ledger"]
         self.plans = state["plans"]
         self.restores = state["restores"] + 1
+        self.config_version = state.get("config_version", 1)  # older snapshots: none
         self.recent = deque(state["recent"], maxlen=self.recent.maxlen)
         if state["policy"] is not None:
             self.policy = pickle.loads(state["policy"])

@@ -6,6 +6,13 @@ Routes (all JSON errors are OpenAI-shaped, 4xx for bad input, never a 500 for a 
   resumes a generation. The wire format is :mod:`disco.scheduler.wire`'s, shared with the device
   agent. A client that disconnects cancels the engine's work.
 - ``GET /v1/models``, ``GET /health``.
+- Chat messages are rendered with the engine's own template (``render_chat``: the GGUF's for
+  llama.cpp, the tokenizer's ``apply_chat_template`` for vLLM; the plain transcript of
+  :func:`~disco.scheduler.wire.default_chat_template` for the emulated engines, whose text is a
+  placeholder anyway); ``prefix`` continues the assistant's turn. A device agent sends a user's
+  chat on as its messages, so this side renders them for its own model.
+- Any other route or method: OpenAI's error body with 404/405 (422 for a body FastAPI could not
+  bind), as the device agent answers, never FastAPI's ``{"detail": ...}``.
 The deployment also answers ``generate(body)`` over a Ray handle (``stream=True``), yielding the
 same chunk dicts, for callers inside the cluster that skip HTTP.
 
@@ -25,8 +32,10 @@ from typing import Any
 
 import ray
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from disco.cluster.config import SERVER_API_KEY_ENV, ServerConfig, from_dict, to_dict
 from disco.cluster.resolve import build_engine
@@ -41,6 +50,7 @@ from disco.scheduler.wire import (
     ApiRequest,
     ResponseHead,
     Usage,
+    chat_template_of,
     check_api_key,
     chunk,
     completion,
@@ -48,6 +58,7 @@ from disco.scheduler.wire import (
     parse_json,
     parse_request,
     read_body,
+    route_error,
     sse,
     usage_chunk,
 )
@@ -63,6 +74,19 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """FastAPI's own 404 (no such route) and 405 (wrong method) in OpenAI's shape."""
+    err = route_error(exc.status_code, str(exc.detail), request.method, request.url.path)
+    return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _unbound(request: Request, exc: RequestValidationError) -> JSONResponse:
+    err = route_error(422, f"invalid request: {exc.errors()}", request.method, request.url.path)
+    return JSONResponse(err.body(), status_code=422)
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
 class DiscoServer:
@@ -74,6 +98,7 @@ class DiscoServer:
         self.api_key = self.cfg.http.key(API_KEY_ENV)
         self.replica_id = uuid.uuid4().hex[:8]
         self._ids = itertools.count()
+        self._ongoing = 0  # engine streams open now (HTTP and handle callers)
 
     # ---- HTTP ---------------------------------------------------------------------------------
 
@@ -137,10 +162,11 @@ class DiscoServer:
     async def generate(self, data: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream chunk dicts over a Ray handle: ``handle.options(stream=True).generate.remote``.
 
-        Bad input yields one ``{"error": ...}`` dict (exceptions would lose their type).
+        Bad input yields one ``{"error": ...}`` dict (exceptions would lose their type). A body
+        with ``messages`` is a chat request (chat chunks), as on ``/v1/chat/completions``.
         """
         try:
-            body = self._parse(data)
+            body = self._parse(data, chat="messages" in data)
             events = self._events(body)
         except ApiError as e:
             yield e.event()
@@ -189,6 +215,18 @@ class DiscoServer:
             "state": state() if callable(state) else {},
         }
 
+    async def engine_state(self) -> dict[str, Any]:
+        """This replica's load now, small (``disco status``): its id, engine, the engine streams
+        open (``ongoing``) and a batching replica's ``replica_state`` (queue, running, KV)."""
+        state = getattr(self.engine, "replica_state", None)
+        return {
+            "replica": self.replica_id,
+            "engine": self.cfg.engine,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "ongoing": self._ongoing,
+            "state": state() if callable(state) else {},
+        }
+
     # ---- internals ----------------------------------------------------------------------------
 
     def _parse(self, data: dict[str, Any], chat: bool = False) -> ApiRequest:
@@ -199,6 +237,7 @@ class DiscoServer:
             models=(self.cfg.model_name,),
             max_tokens_limit=self.cfg.http.max_tokens_limit,
             request_id=rid,
+            chat_template=chat_template_of(self.engine),  # the engine's model's own
         )
 
     @staticmethod
@@ -213,7 +252,16 @@ class DiscoServer:
             body.request.validate()
         except InvalidRequestError as e:
             raise ApiError(400, str(e)) from None
-        return self.engine.stream(body.request)
+        return self._counted(self.engine.stream(body.request))
+
+    async def _counted(self, events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
+        self._ongoing += 1
+        try:
+            async for ev in events:
+                yield ev
+        finally:
+            self._ongoing -= 1
+            await events.aclose()
 
     @staticmethod
     async def _first(events: AsyncIterator[TokenEvent]) -> TokenEvent | None:

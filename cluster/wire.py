@@ -7,18 +7,22 @@ decisions per second, so its batch method takes and returns tuples; these functi
 
 from __future__ import annotations
 
-from disco.scheduler.types import EndpointKind, MigrationRule, Plan, Request
+from disco.scheduler.types import DeviceQueue, EndpointKind, MigrationRule, Plan, Request
 
-RequestTuple = tuple[str, float, int, int | None, str | None, float | None]
+QueueTuple = tuple[int, int, int, float, int]
+RequestTuple = tuple[str, float, int, int | None, str | None, float | None, QueueTuple | None]
 PlanTuple = tuple[str, float | None, float | None, bool, tuple[str, str] | None, str]
 
 
 def request_to(r: Request) -> RequestTuple:
-    return (r.id, r.arrival, r.prompt_tokens, r.output_tokens, r.device_id, r.server_ttft_hint)
+    q = r.device_queue
+    qt = None if q is None else (q.running, q.waiting, q.prefill_tokens, q.decode_tokens, q.slots)
+    return (r.id, r.arrival, r.prompt_tokens, r.output_tokens, r.device_id, r.server_ttft_hint, qt)
 
 
 def request_from(t: RequestTuple) -> Request:
-    return Request(*t)
+    *head, qt = t
+    return Request(*head, None if qt is None else DeviceQueue(*qt))
 
 
 def plan_to(p: Plan) -> PlanTuple:

@@ -4,6 +4,8 @@ Routes: POST /v1/completions, POST /v1/chat/completions (SSE with ``"stream": tr
 otherwise), GET /v1/models, GET /health, GET /metrics (Prometheus text).
 The wire format (body parsing, chunks, errors, the ``disco`` extension that tells which endpoint
 produced each token) is :mod:`disco.scheduler.wire`'s, the same as the Serve app's.
+Chat messages are rendered with the device engine's own chat template (a GGUF's, for llama.cpp)
+and travel on with the request, so that the server renders them with its own model's template.
 Bad input is answered with a 4xx JSON error in OpenAI's shape, never a 500 or a hang: the body is
 read with a size cap, every field is checked before any work starts. The API binds 127.0.0.1 by
 default; any other address needs an API key, which is then checked on every request.
@@ -15,6 +17,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 from starlette.applications import Starlette
@@ -25,11 +28,12 @@ from starlette.routing import Route
 
 from disco.scheduler import wire
 from disco.scheduler.endpoint import InvalidRequestError
-from disco.scheduler.types import TokenEvent
+from disco.scheduler.types import EndpointKind, TokenEvent
 
-from .agent import DeviceAgent
+from .agent import DeviceAgent, DeviceSaturatedError
 from .config import API_KEY_ENV, HttpConfig
 from .coordinator import Execution, StreamFailedError
+from .drain import Drain, DrainMiddleware
 from .telemetry import AgentMetrics, merge_metrics
 
 
@@ -50,12 +54,17 @@ def create_app(
     config: HttpConfig | None = None,
     *,
     models: tuple[str, ...] = ("disco",),
-    chat_template: wire.ChatTemplate = wire.default_chat_template,
+    chat_template: wire.ChatTemplate | None = None,
+    drain: Drain | None = None,
 ) -> Starlette:
     """The ASGI app over one agent, or over many (an emulated fleet: ``fleet.agents``).
 
     ``models``: the accepted ``model`` names (the first is the default); ``chat_template`` turns
-    chat messages into the engines' prompt.
+    chat messages into the prompt; None: each agent's device engine's own template
+    (:func:`wire.chat_template_of`: a GGUF's for llama.cpp). The messages travel on with the
+    request, so that a server endpoint renders them with its own model's template. ``drain``
+    (:class:`~disco.device_agents.drain.Drain`) lets a graceful shutdown refuse new requests
+    (503) and end the streams still open with an error event (``disco agent`` on SIGTERM).
 
     With many agents a request names its device with the ``X-Disco-Device`` header or OpenAI's
     ``user`` field; /metrics then sums the devices. The cluster side can mount the app or serve it
@@ -68,6 +77,8 @@ def create_app(
     if not agents:
         raise ValueError("create_app needs at least one agent")
     only = next(iter(agents.values())) if len(agents) == 1 else None
+    # One template for every request (one agent, or one given), else each device's own.
+    shared = chat_template or (_device_template(only) if only is not None else None)
     rejected = AgentMetrics()  # requests refused before reaching any device
 
     def pick(request: Request, user: str | None) -> DeviceAgent:
@@ -94,12 +105,15 @@ def create_app(
                 chat=chat,
                 models=models,
                 max_tokens_limit=cfg.max_tokens_limit,
-                chat_template=chat_template,
+                chat_template=shared or wire.default_chat_template,
             )
             agent = pick(request, p.user)
+            if p.chat and shared is None:
+                p = _rendered(p, _device_template(agent))
             ex = await agent.start(p.request)
         except wire.ApiError as e:
-            rejected.rejected += 1
+            if not isinstance(e, DeviceSaturatedError):  # counted by the agent as refused
+                rejected.rejected += 1
             return _response(e)
         except InvalidRequestError as e:
             rejected.rejected += 1
@@ -116,6 +130,8 @@ def create_app(
             raise
         if p.stream:
             stream = _sse(ex, first, head, p)
+            if drain is not None:  # a graceful shutdown can end it with an error event
+                stream = drain.track(stream)
             return StreamingResponse(
                 stream, media_type=wire.SSE_MEDIA_TYPE, headers=wire.SSE_HEADERS
             )
@@ -158,13 +174,29 @@ def create_app(
     key = cfg.key()  # the config's, else DISCO_API_KEY's
     if key:
         app.add_middleware(_ApiKeyMiddleware, api_key=key)
+    if drain is not None:  # outermost: while draining, every request but /metrics is a 503
+        app.add_middleware(DrainMiddleware, drain=drain)
     return app
+
+
+def _device_template(agent: DeviceAgent) -> wire.ChatTemplate:
+    return wire.chat_template_of(agent.coordinator.endpoints.get(EndpointKind.DEVICE))
+
+
+def _rendered(p: wire.ApiRequest, template: wire.ChatTemplate) -> wire.ApiRequest:
+    """``p`` with its chat messages rendered by ``template``."""
+    if template is wire.default_chat_template:
+        return p  # parse_request rendered them with it already
+    prompt = template(p.request.chat_messages() or [])
+    return replace(p, request=replace(p.request, prompt=prompt))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405 in the same JSON shape as every other error."""
     status = getattr(exc, "status_code", 400)
-    return _response(wire.ApiError(status, str(getattr(exc, "detail", "") or exc)))
+    detail = str(getattr(exc, "detail", "") or exc)
+    err = wire.route_error(status, detail, request.method, request.url.path)
+    return JSONResponse(err.body(), status_code=status, headers=getattr(exc, "headers", None))
 
 
 class _ApiKeyMiddleware:
@@ -229,7 +261,8 @@ def _usage(ex: Execution, completion_tokens: int) -> wire.Usage:
 
 
 async def serve(agent: DeviceAgent, config: HttpConfig) -> None:
-    """Serve the agent's API until cancelled (what ``disco agent`` runs)."""
+    """Serve the agent's API until cancelled or signalled (uvicorn's own shutdown; ``disco
+    agent`` drains instead: :func:`disco.device_agents.drain.serve_until_signalled`)."""
     import uvicorn
 
     config.check_exposure()

@@ -22,6 +22,7 @@ class Billed(Protocol):
     kind: EndpointKind
     context_tokens: int  # prompt + prefix tokens the stream prefills
     produced: int
+    queued: bool  # still waiting for a device slot when it ended: it never ran
 
 
 def bill(
@@ -32,7 +33,7 @@ def bill(
 ) -> None:
     """Fill ``outcome``'s tokens per endpoint, server cost and device energy from ``legs``."""
     for leg in legs:
-        prompt = prompt_charge(leg.kind, leg.context_tokens)
+        prompt = prompt_charge(leg.kind, leg.context_tokens, started=not leg.queued)
         if leg.kind is EndpointKind.SERVER:
             outcome.server_prompt_tokens += prompt
             outcome.server_output_tokens += leg.produced

@@ -134,6 +134,16 @@ class AgentConfig:
     # A planner (the scheduler actor) that has not answered by then is replaced by the local
     # fallback policy for that request: one short timeout, here only.
     planner_timeout_ms: float = 100.0
+    # A stream with no first token this long after it started (a device stream: after it got its
+    # device slot) or no next token for stall_timeout_ms has failed: the other endpoint takes
+    # over. None: no limit.
+    first_token_timeout_ms: float | None = 60_000.0
+    stall_timeout_ms: float | None = 10_000.0
+    # The device engine runs device_slots streams at once (None: the engine's own limit,
+    # llama.cpp 1); the rest wait in the agent's FIFO. Past max_device_queue waiting streams, a
+    # request that the plan gives to the device alone is refused (HTTP 429); None: no limit.
+    device_slots: int | None = None
+    max_device_queue: int | None = 16
     server: str = "handle"
     num_cpus: float = 1.0
     resources: dict[str, float] = field(default_factory=dict)
@@ -142,6 +152,27 @@ class AgentConfig:
         if self.server not in ("handle", "http"):
             raise ValueError(f"server must be 'handle' or 'http', got {self.server!r}")
         _check_timeout(self.planner_timeout_ms)
+        for name in ("first_token_timeout_ms", "stall_timeout_ms"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{name} must be > 0 (or null: no limit), got {v}")
+        if self.device_slots is not None and self.device_slots < 0:
+            raise ValueError(f"device_slots must be >= 0, got {self.device_slots}")
+        if self.max_device_queue is not None and self.max_device_queue < 0:
+            raise ValueError(f"max_device_queue must be >= 0, got {self.max_device_queue}")
+
+    def coordinator(self) -> Any:
+        """The coordinator's config these fields ask for (a CoordinatorConfig)."""
+        from .coordinator import CoordinatorConfig
+
+        def s(ms: float | None) -> float | None:
+            return None if ms is None else ms / 1000.0
+
+        return CoordinatorConfig(
+            first_token_timeout_s=s(self.first_token_timeout_ms),
+            stall_timeout_s=s(self.stall_timeout_ms),
+            device_slots=self.device_slots,
+        )
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,10 @@ What it does, per request (DESIGN.md section 2, paper-notes.md "Token-level migr
 
 - Silence is failure too: no first token within ``first_token_timeout_s`` or no next token within
   ``stall_timeout_s`` (a hung replica never raises) fails the stream over the same way.
+- The device's queue (``device_queue.py``): a device engine runs ``device_slots`` streams at once
+  (llama.cpp: one); more wait in FIFO order, and a stream's first-token limit counts from when it
+  gets its slot. The agent plans with the queue (``device_queue()``), so waiting on a busy device
+  is a planned decision, never a timeout hand-over.
 
 Pure asyncio, no Ray. Where the parts live: the request's statuses and transitions in
 ``request_state.py``, the asyncio driver (stream pumps, the sole-stream fast path) in ``run.py``,
@@ -34,8 +38,16 @@ from dataclasses import dataclass, field
 from disco.scheduler.endpoint import Endpoint, GenerationRequest
 from disco.scheduler.migration import MigrationConfig
 from disco.scheduler.profiles import DeviceProfile, ServerProfile
-from disco.scheduler.types import EndpointKind, Plan, Request, RequestOutcome, TokenEvent
+from disco.scheduler.types import (
+    DeviceQueue,
+    EndpointKind,
+    Plan,
+    Request,
+    RequestOutcome,
+    TokenEvent,
+)
 
+from .device_queue import DeviceSlots
 from .request_state import RequestStatus, StreamFailedError
 from .run import RequestRun
 
@@ -62,6 +74,18 @@ class CoordinatorConfig:
     # [R] prior for the expected response length (tokens) until outcomes have been observed.
     prior_output_tokens: float = 128.0
     length_ewma_alpha: float = 0.05
+    # Streams the device engine runs at once; more wait in the agent's FIFO (device_queue.py),
+    # whose wait does not count towards first_token_timeout_s. None: the engine's own
+    # ``max_concurrency`` (llama.cpp: 1), or no queue if it has none. 0: never queue.
+    device_slots: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.device_slots is not None and self.device_slots < 0:
+            raise ValueError(f"device_slots must be >= 0, got {self.device_slots}")
+        for name in ("first_token_timeout_s", "stall_timeout_s"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{name} must be > 0 (or None: no limit), got {v}")
 
 
 class OutputLengthEstimator:
@@ -95,6 +119,16 @@ class Coordinator:
         self.lengths = OutputLengthEstimator(
             self.config.prior_output_tokens, self.config.length_ewma_alpha
         )
+        slots = self.config.device_slots
+        if slots is None:
+            slots = getattr(device, "max_concurrency", None) if device is not None else None
+        self.device_slots: DeviceSlots | None = DeviceSlots(int(slots)) if slots else None
+
+    def device_queue(self) -> DeviceQueue | None:
+        """The device's queue as a plan sees it (None: the device has no queue of its own)."""
+        if self.device_slots is None:
+            return None
+        return self.device_slots.state(self.lengths.mean)
 
     def execute(
         self,

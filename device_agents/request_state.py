@@ -79,6 +79,7 @@ class Leg:
     started_at: float
     produced: int = 0
     last_at: float | None = None  # time of the latest token (stall detection)
+    queued: bool = False  # waiting for a device slot (device_queue.py): not started yet
     spec: list[TokenEvent] = field(default_factory=list)  # source tokens held during a migration
     live: bool = True
     # Owned by the driver: the pump task, or the stream iterator when driven directly.
@@ -473,4 +474,6 @@ class RequestState:
 
     def _started_fresh(self, kind: EndpointKind) -> bool:
         """Whether ``kind`` started on the original prompt (not as a resume after tokens)."""
-        return any(leg.kind is kind and leg.start_index == 0 for leg in self.legs)
+        return any(
+            leg.kind is kind and leg.start_index == 0 and not leg.queued for leg in self.legs
+        )

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from disco.scheduler.endpoint import Endpoint, EndpointFailedError, GenerationRequest
-from disco.scheduler.types import Plan, Request, RequestOutcome, TokenEvent
+from disco.scheduler.types import EndpointKind, Plan, Request, RequestOutcome, TokenEvent
 
+from .device_queue import DeviceSlots
 from .request_state import Leg, RequestState, RequestStatus, StreamFailedError
 from .watchdog import StallWatchdog
 
@@ -34,6 +35,7 @@ class _Msg:
     leg: Leg
     event: TokenEvent | None = None  # None with error None: the stream ended
     error: BaseException | None = None
+    slot: bool = False  # the leg got its device slot (its stall clock starts now)
 
 
 # asyncio.timeout (3.11+) arms one timer and no extra task; wait_for is the 3.10 fallback.
@@ -63,7 +65,12 @@ class RequestRun:
     # --- Launcher -------------------------------------------------------------------------------
     def launch(self, leg: Leg, request: GenerationRequest) -> None:
         ep = self.c.endpoints[leg.kind]
-        if ep is not None and self.state.sole_stream(leg):
+        sole = ep is not None and self.state.sole_stream(leg)
+        slots = self.c.device_slots if leg.kind is EndpointKind.DEVICE else None
+        if ep is not None and slots is not None:
+            leg.queued = True  # until it holds a slot: no stall clock (watchdog.StallLimits)
+            ep = _Queued(ep, slots, leg, self._got_slot, sole)
+        if sole:
             try:
                 leg.it = ep.stream(request)
                 self.direct = leg
@@ -71,6 +78,14 @@ class RequestRun:
                 self.q.put_nowait(_Msg(leg, error=e))
         else:
             leg.task = asyncio.get_running_loop().create_task(self._pump(leg, ep, request))
+
+    def _got_slot(self, leg: Leg, direct: bool) -> None:
+        leg.queued = False
+        leg.started_at = self.clock()
+        if direct:  # the request's task waits on this stream: arm its first-token limit now
+            self.watchdog.watch(leg)
+        else:  # wake the driver so that it re-reads the deadlines
+            self.q.put_nowait(_Msg(leg, slot=True))
 
     def stop(self, leg: Leg) -> None:
         if leg.task is not None:
@@ -149,6 +164,8 @@ class RequestRun:
         return None
 
     def _handle(self, msg: _Msg) -> None:
+        if msg.slot:
+            return
         if msg.error is not None:
             self.state.on_failure(msg.leg, msg.error)
         elif msg.event is None:
@@ -204,3 +221,29 @@ class RequestRun:
             self.c.lengths.observe(len(st.texts))
         if self.finished_cb is not None:
             self.finished_cb()
+
+
+class _Queued:
+    """A device endpoint behind the agent's FIFO of device slots (``device_queue.py``): its
+    stream waits for a slot, tells the driver when it has one, and frees it when it ends."""
+
+    def __init__(
+        self,
+        ep: Endpoint,
+        slots: DeviceSlots,
+        leg: Leg,
+        got_slot: Callable[[Leg, bool], None],
+        direct: bool,
+    ) -> None:
+        self.ep, self.slots, self.leg, self.got_slot, self.direct = ep, slots, leg, got_slot, direct
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        ticket = self.slots.enter(self.leg, request.max_tokens)
+        try:
+            await ticket.granted
+            self.got_slot(self.leg, self.direct)
+            async with contextlib.aclosing(self.ep.stream(request)) as it:
+                async for ev in it:
+                    yield ev
+        finally:
+            self.slots.leave(ticket)

@@ -25,6 +25,18 @@ class AgentMetrics:
     rejected: int = 0  # bad input answered with a 4xx
     planner_errors: int = 0  # planner reports that failed (telemetry lost)
     planner_fallbacks: int = 0  # requests the planner did not plan in time: planned locally
+    device_refused: int = 0  # refused: the device's queue was full and the plan needed it
+    # The device's queue (device_queue.py), read when rendered: gauges, summed over devices.
+    device_running: int = 0
+    device_waiting: int = 0
+    device_queued: int = 0  # streams that had to wait for a device slot (a counter)
+    # Prompt tokens of finished requests, and what each endpoint prefilled for them (race losers
+    # included: the budget's spend, scheduler/billing.py).
+    prompt_tokens: int = 0
+    prefill_server: int = 0
+    prefill_device: int = 0
+    # Which endpoint the budget constrains ("server"/"device"; None: not known), an info series.
+    regime: str | None = None
     tokens: int = 0
     tokens_server: int = 0
     tokens_device: int = 0
@@ -43,6 +55,9 @@ class AgentMetrics:
             self.failed += 1
         else:
             self.completed += 1
+        self.prompt_tokens += outcome.prompt_tokens
+        self.prefill_server += outcome.server_prompt_tokens
+        self.prefill_device += outcome.device_prompt_tokens
         n_server = sum(1 for s in outcome.token_sources if s.value == "server")
         self.tokens += len(outcome.token_sources)
         self.tokens_server += n_server
@@ -80,6 +95,29 @@ class AgentMetrics:
         counter("planner_fallbacks_total",
                 "Requests planned by the local fallback: the planner failed or was late.",
                 self.planner_fallbacks)  # fmt: skip
+        def gauge(name: str, help_: str, value: float) -> None:
+            full = f"{prefix}_{name}"
+            out.append(f"# HELP {full} {help_}\n# TYPE {full} gauge\n{full}{lb} {value}\n")
+
+        gauge("device_streams_running", "Streams holding a device slot now.", self.device_running)
+        gauge("device_streams_waiting", "Streams waiting for a device slot now.",
+              self.device_waiting)  # fmt: skip
+        counter("device_streams_queued_total", "Streams that waited for a device slot.",
+                self.device_queued)  # fmt: skip
+        counter("device_refused_total",
+                "Requests refused: the device queue was full and the budget kept the server out.",
+                self.device_refused)  # fmt: skip
+        counter("prompt_tokens_total", "Prompt tokens of finished requests.", self.prompt_tokens)
+        for side, v in (("server", self.prefill_server), ("device", self.prefill_device)):
+            counter("prefill_tokens_total",
+                    "Prompt tokens each endpoint prefilled (race losers included): the budget's "
+                    "spend is the constrained endpoint's share of prompt_tokens_total.",
+                    v, f'endpoint="{side}"')  # fmt: skip
+        if self.regime is not None:
+            full = f"{prefix}_budget_regime"
+            lab = ",".join(x for x in (labels, f'regime="{self.regime}"') if x)
+            out.append(f"# HELP {full} The endpoint the budget constrains (info).\n"
+                       f"# TYPE {full} gauge\n{full}{{{lab}}} 1\n")  # fmt: skip
         counter("tokens_total", "Tokens delivered to users.", self.tokens_server, 'source="server"')
         counter("tokens_total", "Tokens delivered to users.", self.tokens_device, 'source="device"')
         counter("migrations_total", "Generations migrated mid-stream.", self.migrations)
@@ -104,7 +142,12 @@ def merge_metrics(parts: Iterable[AgentMetrics]) -> AgentMetrics:
     for m in parts:
         for f in fields(AgentMetrics):
             v = getattr(m, f.name)
-            if isinstance(v, list):
+            if f.name == "regime":  # one regime, or "mixed" when the devices disagree
+                if v is not None and total.regime not in (None, v):
+                    total.regime = "mixed"
+                elif v is not None:
+                    total.regime = v
+            elif isinstance(v, list):
                 acc = getattr(total, f.name)
                 for i, x in enumerate(v):
                     acc[i] += x

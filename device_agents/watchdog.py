@@ -29,6 +29,7 @@ class Watched(Protocol):
     started_at: float
     last_at: float | None
     live: bool
+    queued: bool  # waiting for a device slot: silence is expected, no limit yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +44,7 @@ class StallLimits:
 
     def deadline(self, leg: Watched) -> float | None:
         """When a live stream that stays silent from now on becomes stalled."""
-        limit = self.of(leg) if leg.live else None
+        limit = self.of(leg) if leg.live and not leg.queued else None
         return None if limit is None else (leg.last_at or leg.started_at) + limit
 
     def stalled(self, leg: Watched) -> EndpointFailedError:

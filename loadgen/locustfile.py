@@ -248,8 +248,7 @@ class StreamingUser(FastHttpUser):
                         _fire(self.environment, "TTFT", now * 1000)
                     rec.token_times.extend([now] * len(chunk.tokens))
                     src = chunk.disco.source if chunk.disco else None  # who made them
-                    if src is not None:
-                        rec.token_sources.extend([src] * len(chunk.tokens))
+                    rec.token_sources.extend([src] * len(chunk.tokens))  # aligned, None: unsaid
                 if chunk.disco is not None:
                     rec.extra.update(chunk.disco.to_dict())
                 if chunk.finish_reason:

@@ -27,8 +27,9 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)
     end: float | None = None
     finish_reason: str | None = None
-    # Per token, which endpoint produced it ("device"/"server"), where the server says so.
-    token_sources: list[str] = field(default_factory=list)
+    # Per token (aligned with ``token_times``), which endpoint produced it ("server"/"device"),
+    # from the ``disco.source`` of its SSE chunk; None where the chunk does not say.
+    token_sources: list[str | None] = field(default_factory=list)
     # the server's ``disco`` extension, last value of each key
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -49,6 +50,26 @@ class RequestRecord:
     def gaps(self) -> list[float]:
         t = self.token_times
         return [b - a for a, b in zip(t, t[1:], strict=False)]
+
+    @property
+    def sources(self) -> list[str | None]:
+        """Each token's source, aligned with ``token_times``; all None when the record's list
+        does not line up (an older record that skipped chunks without a source)."""
+        s = self.token_sources
+        return list(s) if len(s) == len(self.token_times) else [None] * len(self.token_times)
+
+    @property
+    def first_source(self) -> str | None:
+        """The endpoint that produced the first token the user saw, where the stream says."""
+        s = self.sources
+        return s[0] if s else None
+
+    @property
+    def handovers(self) -> list[int]:
+        """Token indices where another endpoint took over the stream (a migration or a
+        failover: the stream does not say which); unknown sources are never counted."""
+        s = self.sources
+        return [k for k in range(1, len(s)) if s[k] and s[k - 1] and s[k] != s[k - 1]]
 
     @property
     def ok(self) -> bool:

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import counters as agent_counters
 from .arrivals import Arrival
 from .prompts import Corpus, PromptBuilder, TokenCounter, default_counter
 from .records import RequestRecord, read_records
-from .report import error_kinds, summarize_records, write_json, write_plots
+from .report import device_side, error_kinds, summarize_records, write_json, write_plots
 from .runner import RunResult, format_progress, run_locust
 from .schedule import ScheduledRequest, build_schedule, write_schedule
 from .spec import LoadSpec
@@ -38,6 +39,7 @@ class ReplayOptions:
     seed: int = 0
     html: bool = True
     plots: bool = True
+    counters: bool = True  # read the targets' /metrics before and after (see counters.py)
     nice: int = 0  # < 0: raise Locust's CPU priority (see run_locust)
     spin_s: float = 0.001  # see Pacer.spin_s (1 ms: sub-ms send error for ~5% of a core at 50/s)
 
@@ -116,15 +118,39 @@ def replay(
             last[0] = line
             say(line)
 
+    targets = list(dict.fromkeys(r.target for r in reqs))
+    before = agent_counters.read_all(targets) if opts.counters else None
     run = run_locust(
         spec, out, reqs, users=opts.users, on_progress=show, html=opts.html, nice=opts.nice
     )
     records = read_records(records_path)
     summary = {"label": opts.label, **summarize_records(records)}
+    summary.update(device_side(_counters(before, records, targets)))
     summary["scheduled"] = len(reqs)
     summary["interrupted"] = run.interrupted
     summary["error_kinds"] = dict(error_kinds(records))
+    summary["notes"] = summary.pop("notes")  # last: the prose after the numbers
     write_json(out / "summary.json", summary)
     if opts.plots and records:
         write_plots({opts.label: records}, out)
     return ReplayResult(records, summary, run, out)
+
+
+def _counters(
+    before: agent_counters.Reading | None, records: Sequence[RequestRecord], targets: list[str]
+) -> dict[str, float] | str:
+    """The targets' counters over the run, or why they are unknown."""
+    if before is None:
+        return "not read (ReplayOptions.counters is off)"
+    if before.problems:
+        url, why = next(iter(before.problems.items()))
+        return f"{url}: {why}"
+    sent: dict[str, int] = {}  # requests each agent answered (and so books)
+    for r in records:
+        if r.status:
+            sent[r.target] = sent.get(r.target, 0) + 1
+    after, settled = agent_counters.read_settled(before, sent)
+    got = agent_counters.run_counters(before, after, targets)
+    if isinstance(got, dict) and not settled:
+        return "the agents had not booked every request of the run 3 s after it ended"
+    return got

@@ -9,8 +9,9 @@ TTFT is an independent draw and the policy learns every outcome at plan time), h
   fall when it keeps prompts on devices.
 - A policy plans at arrival and observes an outcome when the request completes, in virtual time;
   nothing is learnt before it would be known.
-- Each request has its own device (a phone per user): TTFT = a + c * context, decode at the
-  profile's speed. (A device serving several requests is issue 10's model.)
+- By default each request has its own device (a phone per user): TTFT = a + c * context from
+  its start, decode at the profile's speed. With shared devices (``device_ids``, or
+  ``CausalSettings.users``), see "Device queues" below.
 - The request-level logic follows the live coordinator's state machine
   (``device_agents/request_state.py``): the first first token wins and the loser is cancelled; a
   migration is decided at the first token, launched once the reader's unread buffer hides the
@@ -22,6 +23,26 @@ TTFT is an independent draw and the policy learns every outcome at plan time), h
   each request's tokens x the preset's price per hour when it has one, else list prices.
 - ``rtt_s``: device <-> server round trip; a request reaches its replica rtt/2 after it is sent
   and each token reaches the device rtt/2 after the replica emits it.
+
+Device queues (issue 10, the live agent's ``device_agents/device_queue.py``). Requests that map to
+one device id share one device, which serves ``device_slots`` streams at a time (llama.cpp: 1);
+the other device streams (original legs and migration targets) wait in FIFO order. A stream's
+prefill starts when it gets its slot, so its first token comes a + c * context after that, not
+after it asked (as live, where the first-token limit counts from the slot). It holds the slot
+until it finishes, is cancelled as the loser (at the winner's first token as the device receives
+it), stops as a migration source at the switch, or is abandoned as a target at its deadline; a
+waiting stream cancelled leaves the queue then, charged nothing (it never started). A migration's
+launch rule (t_m) does not count the target device's queue, as live; a target still waiting at
+the buffer's deadline is abandoned like a slow one. Each plan gets ``Request.device_queue``, the
+device's queue at the arrival (``device_queue.queue_state``, the agent's rule; max_tokens is the
+trace's output length, as ``disco load`` sends it; the expected length is the device's EWMA of its
+finished responses, prior 128 tokens, alpha 0.05, as the live coordinator's). With
+``max_device_queue`` set, a request whose plan needs the device alone (no server start) while that
+many streams already wait is refused, as live (HTTP 429): ``refused=True``, no tokens, no work,
+reported to the policy at once (only with shared devices). ``CausalSettings.users``: request i
+goes to a device drawn uniformly at random (seeded), so that each device sees a thinned, bursty
+share of the arrivals. Without ids every request keeps its own idle device (the model above,
+unchanged).
 """
 
 from __future__ import annotations
@@ -29,20 +50,22 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .batching import Emission, Replica, ServerPreset, power_of_two
 from .billing import prompt_charge
-from .metrics import DEFAULT_EXPECTED_TTFT_S, DEFAULT_TDS, summarize
+from .device_queue import queue_state
+from .metrics import DEFAULT_EXPECTED_TTFT_S, DEFAULT_TDS, percentile, summarize
 from .migration import MigrationConfig, decide_migration, migration_latency
 from .policies import PolicyConfig, make_policy
 from .presets import preset_profile
 from .profiles import DeviceProfile, ServerProfile
 from .traces import TraceRecord
-from .types import EndpointKind, Plan, Regime, Request, RequestOutcome
+from .types import DeviceQueue, EndpointKind, Plan, Regime, Request, RequestOutcome
 
 S, D = EndpointKind.SERVER, EndpointKind.DEVICE
 
@@ -56,24 +79,72 @@ class CausalSettings:
     tds: float = DEFAULT_TDS
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     record_replicas: bool = False  # sample each replica's queue / running batch every step
+    # Shared devices (module doc, "Device queues"). users: the trace's requests go to this many
+    # devices, each drawn uniformly with the seed (None: every request its own device, unless
+    # run() gets device_ids). device_slots: streams one device serves at once. max_device_queue:
+    # past that many waiting streams, a request planned on the device alone is refused (None: no
+    # limit; only with shared devices).
+    users: int | None = None
+    device_slots: int = 1
+    max_device_queue: int | None = None
+    # The device's expected response length for its queue estimate: an EWMA of its finished
+    # responses (the live coordinator's prior and alpha).
+    prior_output_tokens: float = 128.0
+    length_ewma_alpha: float = 0.05
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
         if self.rtt_s < 0:
             raise ValueError(f"rtt_s must be >= 0, got {self.rtt_s}")
+        if self.users is not None and self.users < 1:
+            raise ValueError(f"users must be >= 1, got {self.users}")
+        if self.device_slots < 1:
+            raise ValueError(f"device_slots must be >= 1, got {self.device_slots}")
+        if self.max_device_queue is not None and self.max_device_queue < 0:
+            raise ValueError(f"max_device_queue must be >= 0, got {self.max_device_queue}")
+        if not 0.0 < self.length_ewma_alpha <= 1.0:
+            raise ValueError(f"length_ewma_alpha must be in (0, 1], got {self.length_ewma_alpha}")
+
+
+def assign_devices(n: int, users: int, seed: int) -> np.ndarray:
+    """Device id of each of ``n`` requests: drawn uniformly from ``users`` devices (seeded; its own
+    stream, so the replicas' router draws stay as they are)."""
+    if users < 1:
+        raise ValueError(f"users must be >= 1, got {users}")
+    return np.random.default_rng([seed, 0xD1CE]).integers(users, size=n)
+
+
+class _Device:
+    """One shared device: its slots, the streams holding them and the FIFO waiting for one."""
+
+    __slots__ = ("id", "prof", "slots", "running", "waiting", "mean_out")
+
+    def __init__(self, ident: Hashable, prof: DeviceProfile, slots: int, mean_out: float) -> None:
+        self.id = ident
+        self.prof = prof
+        self.slots = slots
+        self.running: list[tuple[_Req, _Leg]] = []
+        self.waiting: deque[tuple[_Req, _Leg]] = deque()
+        self.mean_out = mean_out  # EWMA of its finished response lengths
 
 
 class _Leg:
     """One endpoint's stream for a request (original, or a migration target)."""
 
     __slots__ = ("kind", "role", "start", "ctx", "index0", "first", "stopped", "produced",
-                 "replica", "seq", "submitted", "gpu_s")  # fmt: skip
+                 "replica", "seq", "submitted", "gpu_s", "asked", "queued", "granted", "freed_at",
+                 "release_at")  # fmt: skip
 
     def __init__(self, kind: EndpointKind, role: str, start: float, ctx: int, index0: int) -> None:
         self.kind = kind
         self.role = role  # "s"/"d": original legs; "m": migration target
-        self.start = start
+        self.start = start  # when it started work (a device stream: when it got its slot)
+        self.asked = start  # when it was launched (a device stream may then wait for a slot)
+        self.queued = False  # waiting for a slot of a shared device
+        self.granted = True  # started work (False: left a device's queue without a slot)
+        self.freed_at: float | None = None  # when it gave its device slot / queue place back
+        self.release_at = math.inf  # a slot release already scheduled
         self.ctx = ctx  # context tokens it prefills
         self.index0 = index0  # index of its first token
         self.first: float | None = None  # user time of its first token
@@ -88,11 +159,13 @@ class _Leg:
 class _Req:
     __slots__ = ("i", "rid", "arrival", "plen", "n", "plan", "legs", "winner", "active", "t0",
                  "times", "ndel", "migrate_at", "migrate_to", "target", "deadline", "held",
-                 "stash", "switching", "migrated_at", "done", "sources", "dev", "g")  # fmt: skip
+                 "stash", "switching", "migrated_at", "done", "sources", "dev", "g",
+                 "box")  # fmt: skip
 
     def __init__(self, i: int, arrival: float, plen: int, n: int, dev: DeviceProfile) -> None:
         self.i = i
-        self.dev = dev  # this request's own device
+        self.dev = dev  # this request's device profile
+        self.box: _Device | None = None  # its shared device (None: a device of its own)
         self.g = dev.tbt_s
         self.rid = str(i)
         self.arrival = arrival
@@ -125,10 +198,13 @@ class CausalResult:
     replica_samples: list[list[tuple[float, int, int, int]]]
     replica_busy_s: list[float]
     events: int
+    device_waits: list[float] = field(default_factory=list)  # seconds each slot was waited for
 
 
-# event kinds (ordering ties: smaller kind first at the same time)
-_COMPLETE, _SWITCH, _SRC_END, _DEADLINE, _DEV_FIRST, _SUBMIT, _LAUNCH, _START, _ARRIVE = range(9)
+# event kinds (ordering ties: smaller kind first at the same time; a slot freed at t is free for
+# the hedges and arrivals at t)
+(_COMPLETE, _SWITCH, _SRC_END, _DEADLINE, _DEV_FIRST, _SUBMIT, _LAUNCH, _RELEASE, _START,
+ _ARRIVE) = range(10)  # fmt: skip
 
 
 class CausalSim:
@@ -167,18 +243,38 @@ class CausalSim:
         self.gpu_s: list[float] = []
         self.n_events = 0
         self.now = 0.0
+        self.boxes: dict[Hashable, _Device] = {}  # shared devices by id
+        self.device_waits: list[float] = []  # per device stream that got a slot: its wait
 
     # ---- the loop -----------------------------------------------------------------------------
 
     def run(
-        self, records: Sequence[TraceRecord], devices: Sequence[DeviceProfile] | None = None
+        self,
+        records: Sequence[TraceRecord],
+        devices: Sequence[DeviceProfile] | None = None,
+        device_ids: Sequence[Hashable] | None = None,
     ) -> list[RequestOutcome]:
-        """``devices``: each request's device profile (default: the simulator's device)."""
+        """``devices``: each request's device profile (default: the simulator's device).
+        ``device_ids``: each request's device; requests of one id share that device and its
+        queue (default: ``settings.users`` devices drawn at random, else one device each)."""
         if devices is not None and len(devices) != len(records):
             raise ValueError("devices must give one profile per request")
+        if device_ids is None and self.s.users is not None:
+            device_ids = assign_devices(len(records), self.s.users, self.s.seed).tolist()
+        if device_ids is not None and len(device_ids) != len(records):
+            raise ValueError("device_ids must give one device per request")
         for i, r in enumerate(records):
             dev = self.device if devices is None else devices[i]
             req = _Req(i, float(r.arrival), int(r.prompt_tokens), int(r.output_tokens), dev)
+            if device_ids is not None:
+                key = device_ids[i]
+                box = self.boxes.get(key)
+                if box is None:
+                    box = _Device(key, dev, self.s.device_slots, self.s.prior_output_tokens)
+                    self.boxes[key] = box
+                elif box.prof != dev:
+                    raise ValueError(f"requests of device {key!r} give it different profiles")
+                req.box = box
             self.reqs.append(req)
             self._push(req.arrival, _ARRIVE, req)
         heap = self.heap
@@ -219,6 +315,8 @@ class CausalSim:
             self._source_end(req, arg)
         elif kind == _COMPLETE:
             self._complete(req)
+        elif kind == _RELEASE:
+            self._release(req, arg)
 
     # ---- replicas -----------------------------------------------------------------------------
 
@@ -253,10 +351,23 @@ class CausalSim:
     # ---- request logic (mirrors the live coordinator) ------------------------------------------
 
     def _arrive(self, req: _Req) -> None:
-        plan = self.policy.plan(
-            Request(id=req.rid, arrival=req.arrival, prompt_tokens=req.plen), now=self.now
-        )
+        box = req.box
+        if box is None:
+            request = Request(id=req.rid, arrival=req.arrival, prompt_tokens=req.plen)
+        else:
+            request = Request(
+                id=req.rid, arrival=req.arrival, prompt_tokens=req.plen, device_id=str(box.id),
+                device_queue=self._queue(box),
+            )  # fmt: skip
+        plan = self.policy.plan(request, now=self.now)
         req.plan = plan
+        limit = self.s.max_device_queue
+        if (
+            box is not None and limit is not None and plan.server_start is None
+            and len(box.waiting) >= limit
+        ):  # fmt: skip
+            self._refuse(req)
+            return
         for kind in (S, D):
             st = plan.start_of(kind)
             if st is None:
@@ -273,9 +384,84 @@ class CausalSim:
         if kind is S:
             leg.replica = power_of_two([r.load for r in self.replicas], self.rng)
             self._push(self.now + self.half, _SUBMIT, req, leg)
-        else:
+        elif req.box is None:
             self._push(self.now + float(req.dev.ttft(ctx)), _DEV_FIRST, req, leg)
+        else:
+            self._enter(req, leg)
         return leg
+
+    # ---- shared devices (module doc, "Device queues") -----------------------------------------
+
+    def _queue(self, box: _Device) -> DeviceQueue:
+        """The device's queue now, as the live agent builds it for a plan."""
+        now = self.now
+
+        def produced(req: _Req, leg: _Leg) -> int:
+            if leg.first is None:
+                return 0
+            return min(req.n - leg.index0, 1 + int((now - leg.first) / req.g))
+
+        return queue_state(
+            ((produced(r, x), r.n - x.index0) for r, x in box.running),
+            ((x.ctx, r.n - x.index0) for r, x in box.waiting),
+            box.mean_out, box.slots,
+        )  # fmt: skip
+
+    def _enter(self, req: _Req, leg: _Leg) -> None:
+        """A device stream asks its device for a slot (FIFO)."""
+        box = req.box
+        if len(box.running) < box.slots and not box.waiting:
+            self._grant(req, leg)
+        else:
+            leg.queued = True
+            leg.granted = False
+            box.waiting.append((req, leg))
+
+    def _grant(self, req: _Req, leg: _Leg) -> None:
+        """The stream gets its slot: its prefill (and first-token clock) starts now."""
+        req.box.running.append((req, leg))
+        leg.queued = False
+        leg.granted = True
+        leg.start = self.now
+        self.device_waits.append(self.now - leg.asked)
+        self._push(self.now + float(req.dev.ttft(leg.ctx)), _DEV_FIRST, req, leg)
+        if leg is req.target:  # a migration target that waited: its switch is known now
+            self._schedule_switch(req, leg)
+
+    def _free(self, req: _Req, leg: _Leg, at: float) -> None:
+        """The device stream ends at ``at`` (>= now): its slot or queue place is given back."""
+        if req.box is None or leg.kind is not D or leg.freed_at is not None:
+            return
+        if at <= self.now:
+            self._release(req, leg)
+        elif at < leg.release_at:
+            leg.release_at = at
+            self._push(at, _RELEASE, req, leg)
+
+    def _release(self, req: _Req, leg: _Leg) -> None:
+        if leg.freed_at is not None:
+            return
+        leg.freed_at = self.now
+        box = req.box
+        if leg.queued:
+            box.waiting.remove((req, leg))
+            leg.queued = False
+            return  # a waiter leaving frees no slot
+        box.running.remove((req, leg))
+        while box.waiting and len(box.running) < box.slots:
+            self._grant(*box.waiting.popleft())
+
+    def _refuse(self, req: _Req) -> None:
+        """The device is saturated and the plan needs it alone: refused, as the live agent does."""
+        req.done = True
+        o = RequestOutcome(
+            request_id=req.rid, arrival=req.arrival, prompt_tokens=req.plen,
+            token_times=np.zeros(0), error="device saturated", server_started=False,
+            device_started=False, refused=True,
+        )  # fmt: skip
+        self.gpu_s.append(0.0)
+        self.finished.append(o)
+        self.policy.observe(o)
 
     def _submit(self, req: _Req, leg: _Leg) -> None:
         if leg.stopped is not None:
@@ -307,7 +493,9 @@ class CausalSim:
         elif leg is req.target:
             self._abandon(req)
 
-    def _stop(self, req: _Req, leg: _Leg) -> None:
+    def _stop(self, req: _Req, leg: _Leg, heard: float | None = None) -> None:
+        """Stop ``leg`` now; ``heard``: when the device learns it (a loser cancelled at the
+        winner's first token as the device receives it), when its slot frees."""
         if leg.stopped is not None:
             return
         leg.stopped = self.now
@@ -317,6 +505,8 @@ class CausalSim:
                 self._interrupt(leg.replica)
         elif leg.kind is D and leg.first is not None:
             leg.produced = min(req.n - leg.index0, 1 + int((self.now - leg.first) / req.g))
+        if leg.kind is D:
+            self._free(req, leg, self.now if heard is None else max(self.now, heard))
 
     def _first_token(self, req: _Req, leg: _Leg, t: float) -> None:
         req.winner = leg.kind
@@ -324,7 +514,7 @@ class CausalSim:
         req.t0 = t
         for other in req.legs:
             if other is not leg:
-                self._stop(req, other)
+                self._stop(req, other, t)
         rule = req.plan.migration if req.plan is not None else None
         if rule is not None and leg.kind is rule.from_kind:
             expected = float(self.policy.expected_output_tokens(req.plen)[0])
@@ -455,16 +645,23 @@ class CausalSim:
         src = req.active
         if src.seq is not None:
             src.seq.watch = None
-        if target.kind is D:
-            t_first = self.now + float(req.dev.ttft(target.ctx))
-            if t_first <= req.deadline:
-                req.switching = True
-                self._push(t_first, _SWITCH, req, target)
+        if target.kind is D and target.granted:  # else: when it gets its slot
+            self._schedule_switch(req, target)
         self._push(req.deadline, _DEADLINE, req, target)
         if src.kind is D:  # the device source keeps going: its tokens are held
             end = float(self._device_times(req, src, req.n - 1, req.n)[0])
             req.held.append(self._device_times(req, src, k, req.n))
             self._push(end, _SRC_END, req, src)
+
+    def _schedule_switch(self, req: _Req, target: _Leg) -> None:
+        """A device target's first token is known once it has its slot: the switch happens then
+        if that is before the buffer's deadline."""
+        if req.switching:
+            return
+        t_first = target.start + float(req.dev.ttft(target.ctx))
+        if t_first <= req.deadline:
+            req.switching = True
+            self._push(t_first, _SWITCH, req, target)
 
     def _switch(self, req: _Req, target: _Leg) -> None:
         if req.done or req.target is not target or target.stopped is not None:
@@ -546,6 +743,8 @@ class CausalSim:
         for leg in req.legs:
             if leg.stopped is None:
                 leg.stopped = self.now
+            if leg.kind is D:
+                self._free(req, leg, self.now)
         times = np.concatenate(req.times) if req.times else np.zeros(0)
         o = RequestOutcome(
             request_id=req.rid,
@@ -555,7 +754,7 @@ class CausalSim:
             first_token_from=req.winner,
             migrated_at=req.migrated_at,
             server_started=any(x.kind is S and x.index0 == 0 for x in req.legs),
-            device_started=any(x.kind is D and x.index0 == 0 for x in req.legs),
+            device_started=any(x.kind is D and x.index0 == 0 and x.granted for x in req.legs),
             error=error,
         )
         o.token_sources = [k for k, c in req.sources for _ in range(c)]
@@ -565,8 +764,8 @@ class CausalSim:
                 o.server_prompt_tokens += prompt_charge(S, leg.ctx)
                 o.server_output_tokens += leg.seq.out if leg.seq is not None else 0
                 gpu += leg.seq.gpu_s if leg.seq is not None else 0.0
-            else:
-                o.device_prompt_tokens += prompt_charge(D, leg.ctx)
+            else:  # a device stream cancelled while it waited for its slot did no work
+                o.device_prompt_tokens += prompt_charge(D, leg.ctx, started=leg.granted)
                 o.device_output_tokens += leg.produced
         for leg in req.legs:  # cancelled server sequences no longer in a replica
             if leg.kind is S and leg.seq is not None:
@@ -579,6 +778,8 @@ class CausalSim:
         self.gpu_s.append(gpu)
         self.finished.append(o)
         if error is None:
+            if req.box is not None:  # the device's running mean of finished lengths
+                req.box.mean_out += self.s.length_ewma_alpha * (times.size - req.box.mean_out)
             self.policy.observe(o)
 
 
@@ -590,12 +791,18 @@ def run_causal(
     settings: CausalSettings | None = None,
     regime: Regime | None = None,
     devices: Sequence[DeviceProfile] | None = None,
+    device_ids: Sequence[Hashable] | None = None,
 ) -> CausalResult:
     """Replay ``records`` through ``policy`` against ``settings.replicas`` replicas of ``preset``
-    (``devices``: each request's own device profile; default ``device`` for all)."""
+    (``devices``: each request's device profile, default ``device`` for all; ``device_ids``:
+    each request's device, see ``CausalSim.run``).
+
+    The summary adds, to ``metrics.summarize``'s (``refused`` among them), ``device_wait_mean`` /
+    ``device_wait_p99``: seconds the device streams that got a slot waited for it (None without
+    shared devices)."""
     settings = settings or CausalSettings()
     sim = CausalSim(policy, preset, device, settings)
-    outs = sim.run(records, devices)
+    outs = sim.run(records, devices, device_ids)
     order = sorted(range(len(outs)), key=lambda j: int(outs[j].request_id))
     outs = [outs[j] for j in order]
     gpu = np.array([sim.gpu_s[j] for j in order])
@@ -610,10 +817,15 @@ def run_causal(
     )
     summary["server_replica_usd"] = settings.replicas * span * preset.usd_per_hour / 3600.0
     summary["replica_busy"] = [r.stats.busy_s / span if span else 0.0 for r in sim.replicas]
+    waits = sim.device_waits
+    shared = bool(sim.boxes)
+    summary["device_wait_mean"] = (float(np.mean(waits)) if waits else 0.0) if shared else None
+    summary["device_wait_p99"] = (percentile(waits, 99) if waits else 0.0) if shared else None
     return CausalResult(
         outcomes=outs, server_gpu_s=gpu, summary=summary,
         replica_samples=[r.stats.samples for r in sim.replicas],
         replica_busy_s=[r.stats.busy_s for r in sim.replicas], events=sim.n_events,
+        device_waits=list(waits),
     )  # fmt: skip
 
 
@@ -622,6 +834,8 @@ CAUSAL_ROW_KEYS = (
     "ttft_p99", "tbt_p99", "qoe_mean", "server_cost", "server_cost_tokens", "server_gpu_s",
     "device_energy_j", "migrations", "requests", "errors",
 )  # fmt: skip
+# With shared devices (settings.users): refused requests and the wait for a device slot.
+DEVICE_QUEUE_ROW_KEYS = ("refused", "device_wait_mean", "device_wait_p99")
 
 
 def causal_sweep(
@@ -663,5 +877,6 @@ def causal_cell(
     policy = make_policy(name, cfg, server or preset_profile(preset), device)
     res = run_causal(policy, records, preset, device, settings, regime)
     row = {"policy": name, "regime": regime.value, "budget": budget, "migration": mig}
-    row.update({k: res.summary.get(k) for k in CAUSAL_ROW_KEYS if k not in row})
+    keys = CAUSAL_ROW_KEYS + (DEVICE_QUEUE_ROW_KEYS if settings.users is not None else ())
+    row.update({k: res.summary.get(k) for k in keys if k not in row})
     return row

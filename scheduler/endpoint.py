@@ -9,6 +9,13 @@ Contract:
 - A non-empty ``req.prefix`` is text already generated (by this or another endpoint): the engine
   re-prefills ``prompt + prefix`` and continues from there. That is how migration and failover
   resume a generation.
+- Chat: ``req.messages`` set means ``prompt`` is those messages rendered by the chat template of
+  the model that serves them (the agent renders with its device engine's ``render_chat``, the
+  Serve app with its engine's), ending with the assistant turn's header; a resume appends the
+  delivered text as ``prefix``, inside that same assistant turn. An endpoint that forwards the
+  request to a server (``openai``, the Serve handle) sends the messages instead, so the server
+  renders them with its own model's template; an engine with a template may also end the turn
+  on that template's stop strings.
 - Cancellation: closing the iterator (``await it.aclose()``) or cancelling the task that drives it
   stops the engine's work at the next token boundary; no token is yielded after that.
 - Bad input raises :class:`InvalidRequestError` before any token; an engine that fails mid-stream
@@ -53,6 +60,15 @@ class GenerationRequest:
     # a migration target, a failover), so a re-prefill on the same replica finds the prompt
     # already computed. None: ``request_id``.
     cache_key: str | None = None
+    # A chat request's messages as (role, content) pairs; None: a plain completion. See the
+    # module docstring: ``prompt`` is then their rendering for the serving model.
+    messages: tuple[tuple[str, str], ...] | None = None
+
+    def chat_messages(self) -> list[dict[str, str]] | None:
+        """``messages`` as OpenAI's ``[{"role", "content"}]`` (None for a completion)."""
+        if self.messages is None:
+            return None
+        return [{"role": role, "content": content} for role, content in self.messages]
 
     def validate(self) -> None:
         """Checks shared by every engine; engines add their own (context window)."""

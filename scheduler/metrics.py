@@ -20,9 +20,9 @@ DEFAULT_EXPECTED_TTFT_S = 1.0
 DEFAULT_TDS = 4.8  # reading speed, tokens/s (Andes)
 
 SUMMARY_KEYS = (
-    "requests", "errors", "ttft_mean", "ttft_p50", "ttft_p90", "ttft_p99", "tbt_mean", "tbt_p99",
-    "qoe_mean", "qoe_perfect", "server_cost", "device_energy_j", "device_cost", "budget_used",
-    "budget_used_full", "migrations",
+    "requests", "errors", "refused", "ttft_mean", "ttft_p50", "ttft_p90", "ttft_p99", "tbt_mean",
+    "tbt_p99", "qoe_mean", "qoe_perfect", "server_cost", "device_energy_j", "device_cost",
+    "budget_used", "budget_used_full", "migrations",
 )  # fmt: skip
 
 
@@ -106,8 +106,12 @@ def summarize(
     prompt tokens the constrained endpoint prefilled / all prompt tokens (paper-notes "Budget
     ratio"); ``budget_used_full`` the same share over prompt + output tokens (our full-cost variant).
     Failed requests (``error`` set, no tokens) count in ``errors`` and not in latency aggregates.
+    Refused ones (``refused``: turned away before any endpoint started) count in ``requests`` and
+    ``refused`` only: not in ``errors``, latency, work or the budget shares (as the policies, which
+    drop them from their budget window).
     """
-    ok = [o for o in outcomes if o.error is None and len(o.token_times)]
+    ran = [o for o in outcomes if not o.refused]
+    ok = [o for o in ran if o.error is None and len(o.token_times)]
     gaps = [np.diff(np.asarray(o.token_times, dtype=float)) for o in ok]
     gap_arr = np.concatenate(gaps) if gaps else np.zeros(0)
     return summarize_arrays(
@@ -115,17 +119,18 @@ def summarize(
         qoe=np.array([qoe(o.token_times, o.arrival, expected_ttft, tds) for o in ok], dtype=float),
         gap_values=gap_arr,
         gap_weights=np.ones(gap_arr.size, dtype=np.int64),
-        prompt_tokens=np.array([o.prompt_tokens for o in outcomes], dtype=float),
-        output_tokens=np.array([len(o.token_times) for o in outcomes], dtype=float),
-        server_prompt=np.array([o.server_prompt_tokens for o in outcomes], dtype=float),
-        server_output=np.array([o.server_output_tokens for o in outcomes], dtype=float),
-        device_prompt=np.array([o.device_prompt_tokens for o in outcomes], dtype=float),
-        device_output=np.array([o.device_output_tokens for o in outcomes], dtype=float),
-        server_cost=np.array([o.server_cost for o in outcomes], dtype=float),
-        device_energy_j=np.array([o.device_energy_j for o in outcomes], dtype=float),
-        migrations=sum(o.migrated_at is not None for o in outcomes),
-        errors=len(outcomes) - len(ok),
+        prompt_tokens=np.array([o.prompt_tokens for o in ran], dtype=float),
+        output_tokens=np.array([len(o.token_times) for o in ran], dtype=float),
+        server_prompt=np.array([o.server_prompt_tokens for o in ran], dtype=float),
+        server_output=np.array([o.server_output_tokens for o in ran], dtype=float),
+        device_prompt=np.array([o.device_prompt_tokens for o in ran], dtype=float),
+        device_output=np.array([o.device_output_tokens for o in ran], dtype=float),
+        server_cost=np.array([o.server_cost for o in ran], dtype=float),
+        device_energy_j=np.array([o.device_energy_j for o in ran], dtype=float),
+        migrations=sum(o.migrated_at is not None for o in ran),
+        errors=len(ran) - len(ok),
         regime=regime,
+        refused=len(outcomes) - len(ran),
     )
 
 
@@ -147,13 +152,16 @@ def summarize_arrays(
     errors: int,
     regime: Regime | None,
     device_usd_per_j: float | None = None,
+    refused: int = 0,
 ) -> dict[str, float | int | None]:
-    """The one aggregation both the per-outcome path and the simulator's batch path use."""
+    """The one aggregation both the per-outcome path and the simulator's batch path use.
+    ``refused``: requests refused before any endpoint started, not in any of the arrays."""
     gw = np.asarray(gap_weights, dtype=np.int64)
     n_gaps = int(gw.sum())
     out: dict[str, float | int | None] = {
-        "requests": int(prompt_tokens.size),
+        "requests": int(prompt_tokens.size) + int(refused),
         "errors": int(errors),
+        "refused": int(refused),
         "ttft_mean": float(ttft.mean()) if ttft.size else None,
         "ttft_p50": percentile(ttft, 50),
         "ttft_p90": percentile(ttft, 90),

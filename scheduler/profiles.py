@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .registry import Registry
+from .types import DeviceQueue
 
 # Money per joule of device energy (paper-notes.md: "converted to money by an exchange rate lambda").
 # [R] our assumption: 1e-6 USD/J makes ~0.3 J/token (a 1B model on a phone) cost ~$0.3 per 1M
@@ -112,6 +113,19 @@ class DeviceProfile:
 
     def ttft(self, prompt_tokens: np.ndarray | float) -> np.ndarray | float:
         return self.ttft_base_s + np.asarray(prompt_tokens, dtype=float) / self.prefill_tps
+
+    def queue_delay(self, queue: DeviceQueue | None) -> float:
+        """Seconds until a new request starts on a device with this ``queue`` (0 if a slot is
+        free). [R] ours: the work ahead (each waiting stream's start-up and prefill, every
+        stream's expected remaining decode) at this profile's speeds, shared over the slots."""
+        if queue is None or not queue.busy:
+            return 0.0
+        work = (
+            queue.waiting * self.ttft_base_s
+            + queue.prefill_tokens / self.prefill_tps
+            + queue.decode_tokens / self.decode_tps
+        )
+        return work / queue.slots
 
     @property
     def tbt_s(self) -> float:

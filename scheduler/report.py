@@ -11,14 +11,16 @@ from typing import Any
 from .simulator import ROW_KEYS
 
 
-def write_rows(out_dir: Path, rows: Sequence[dict], meta: dict[str, Any]) -> tuple[Path, Path]:
-    """``sim.json`` = {"rows": [...], "meta": {...}} and ``sim.csv``; nothing time-dependent, so
-    the same inputs and seed give byte-identical files."""
+def write_rows(
+    out_dir: Path, rows: Sequence[dict], meta: dict[str, Any], keys: Sequence[str] | None = None
+) -> tuple[Path, Path]:
+    """``sim.json`` = {"rows": [...], "meta": {...}} and ``sim.csv`` (columns ``keys``, default
+    ``ROW_KEYS``); nothing time-dependent, so the same inputs and seed give byte-identical files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     jpath, cpath = out_dir / "sim.json", out_dir / "sim.csv"
     jpath.write_text(json.dumps({"rows": list(rows), "meta": meta}, indent=1, allow_nan=False) + "\n")
     with cpath.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(ROW_KEYS), extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=list(keys or ROW_KEYS), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     return jpath, cpath
@@ -42,9 +44,17 @@ TABLE_COLS = (
 )  # fmt: skip
 
 
-def format_table(rows: Sequence[dict]) -> str:
-    head = [h for _, h in TABLE_COLS]
-    body = [[_fmt(r.get(k)) for k, _ in TABLE_COLS] for r in rows]
+# Shared devices (causal simulator, --users): refused requests, wait for a device slot (s).
+DEVICE_QUEUE_COLS = (
+    ("refused", "refused"), ("device_wait_mean", "dq_wait"), ("device_wait_p99", "dq_p99"),
+)  # fmt: skip
+
+
+def format_table(rows: Sequence[dict], extra: Sequence[tuple[str, str]] = ()) -> str:
+    """The rows as a text table: ``TABLE_COLS`` and then the ``extra`` (key, header) columns."""
+    cols = (*TABLE_COLS, *extra)
+    head = [h for _, h in cols]
+    body = [[_fmt(r.get(k)) for k, _ in cols] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths, strict=True)) for b in body]

@@ -357,13 +357,15 @@ def run_batch(policy: WindowPolicy, world: World, settings: SimSettings | None =
         lengths = world.prompt[sl]
         ss, ds = policy._decide(lengths, hints[sl])
         if policy.guarded:
-            want = ~np.isnan(policy.constrained_start(ss, ds))
+            cs = policy.constrained_start(ss, ds)
+            want = ~np.isnan(cs)
             d = dispatch(ss, ds, world.server_ttft[sl], world.device_ttft[sl])
             used = d.started_s if policy.constrained is EndpointKind.SERVER else d.started_d
             drop_seen, drop_spent = policy.window.departing(lengths.size)
+            margin = np.where(want & (np.nan_to_num(cs) > 0.0), policy.hedge_margin, 0.0)
             allowed = budget_guard_scan(
                 want, lengths, np.where(used, lengths, 0.0), policy.budget_seen,
-                policy.budget_spent, policy.budget, drop_seen, drop_spent,
+                policy.budget_spent, policy.budget, drop_seen, drop_spent, margin,
             )  # fmt: skip
             blocked = want & ~allowed
             if blocked.any():

@@ -33,11 +33,46 @@ class Regime(str, Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceQueue:
+    """What a device must finish before it can start one more request (issue 10: the device's
+    queue is part of the device). A device engine serves ``slots`` streams at a time (llama.cpp:
+    one); ``running`` hold a slot, ``waiting`` queue for one in FIFO order.
+
+    ``prefill_tokens``: context tokens the waiting streams still have to prefill;
+    ``decode_tokens``: tokens all of them are still expected to decode (the agent's estimate).
+    """
+
+    running: int = 0
+    waiting: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: float = 0.0
+    slots: int = 1
+
+    def __post_init__(self) -> None:
+        if min(self.running, self.waiting, self.prefill_tokens, self.decode_tokens) < 0:
+            raise ValueError(f"device queue counts must be >= 0: {self}")
+        if self.slots < 1:
+            raise ValueError(f"device queue slots must be >= 1, got {self.slots}")
+
+    @property
+    def ahead(self) -> int:
+        """Streams ahead of a new request."""
+        return self.running + self.waiting
+
+    @property
+    def busy(self) -> bool:
+        """A new request would wait for a slot."""
+        return self.ahead >= self.slots
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
     """One user request as the scheduler sees it.
 
     ``output_tokens`` is known in traces and simulation, unknown live (None). ``server_ttft_hint``
     is only ever set for the oracle policy: the server TTFT this request will see.
+    ``device_queue``: the requesting device's queue when it asked (None: an idle device, or one
+    that does not say), so a plan predicts the device's TTFT behind it.
     """
 
     id: str
@@ -46,6 +81,7 @@ class Request:
     output_tokens: int | None = None
     device_id: str | None = None
     server_ttft_hint: float | None = None
+    device_queue: DeviceQueue | None = None
 
     def __post_init__(self) -> None:
         if self.prompt_tokens <= 0:
@@ -137,6 +173,9 @@ class RequestOutcome:
     # the producer does not say (then a policy infers it from the prompt tokens charged).
     server_started: bool | None = None
     device_started: bool | None = None
+    # Refused before any endpoint started (the device was saturated and the plan needed it): no
+    # work, no tokens; policies drop its reservation and do not count it in the budget window.
+    refused: bool = False
 
     @property
     def ttft(self) -> float | None:

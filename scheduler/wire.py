@@ -22,6 +22,13 @@ field). OpenAI's fields plus these extensions, all optional:
   computed for that request (the emulated batching replica does, as vLLM's prefix cache would).
 - ``stream_options.include_usage`` (OpenAI's): one last chunk with ``usage`` and no choices.
 
+Chat: the messages are rendered once into the prompt by the serving model's own chat template
+(``chat_template``: the agent passes its device engine's, the Serve app its engine's; see
+:func:`chat_template_of`), ending with the assistant turn's header, and kept in the request
+(``GenerationRequest.messages``) so that a server reached over the wire renders them with its own
+template. ``prefix`` then continues the assistant's turn. :func:`default_chat_template` is the
+plain transcript of engines without a template (the emulated ones, a GGUF that ships none).
+
 ``max_tokens`` defaults to :data:`DEFAULT_MAX_TOKENS` (16) on every route: OpenAI's documented
 default for ``/v1/completions``, and vLLM's, so a hand-written request gets what those servers
 give, and a forgotten field costs little. The testbed's own clients always send it.
@@ -122,6 +129,12 @@ def _error_type(status: int) -> str:
     return "invalid_request_error" if status < 500 else "server_error"
 
 
+def route_error(status: int, detail: str, method: str, path: str) -> ApiError:
+    """The web framework's own refusal (no such route: 404, wrong method: 405, a body it could
+    not bind: 422) as OpenAI's error body, e.g. ``Not Found: GET /v1/nothing``."""
+    return ApiError(status, f"{detail or 'error'}: {method} {path}")
+
+
 def engine_failed(message: str) -> ApiError:
     """The 503 of a server whose engine (or an agent whose endpoints) failed."""
     return ApiError(503, message, code=ENGINE_FAILED)
@@ -209,8 +222,20 @@ def parse_json(raw: bytes, limit: int | None = None) -> dict[str, Any]:
 
 def default_chat_template(messages: list[dict[str, str]]) -> str:
     """A plain role-prefixed transcript ending where the assistant's answer starts, so that
-    ``template + prefix`` continues the assistant's turn; engines may bring their own."""
+    ``template + prefix`` continues the assistant's turn: the template of engines that have
+    none of their own (emulated engines; a GGUF without ``tokenizer.chat_template``, which then
+    stops at :data:`DEFAULT_CHAT_STOP`, the start of a turn the model invents)."""
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+
+
+DEFAULT_CHAT_STOP = ("\nuser:", "\nassistant:", "\nsystem:")
+
+
+def chat_template_of(engine: object) -> ChatTemplate:
+    """The engine's own chat template (its ``render_chat(messages) -> prompt``, as the llama.cpp
+    and vLLM engines have), else :func:`default_chat_template`."""
+    render = getattr(engine, "render_chat", None)
+    return render if callable(render) else default_chat_template
 
 
 def parse_request(
@@ -230,11 +255,16 @@ def parse_request(
     """
     model = _model(data, models)
     prefix = _field(data, "prefix", str, "")
+    chat_turns = None
     if chat:
         messages = parse_messages(data.get("messages"))
         if _field(data, "continue_final_message", bool, False):
             messages, prefix = _final_assistant(data, messages, prefix)
-        prompt = chat_template(messages)
+        try:
+            prompt = chat_template(messages)
+        except InvalidRequestError as e:  # the model's template refuses these messages
+            raise ApiError(400, str(e), param="messages") from None
+        chat_turns = tuple((m["role"], m["content"]) for m in messages)
         max_tokens = _field(data, "max_completion_tokens", int, None)
         if max_tokens is None:
             max_tokens = _field(data, "max_tokens", int, DEFAULT_MAX_TOKENS)
@@ -265,6 +295,7 @@ def parse_request(
         request_id=request_id,
         prompt_tokens_hint=hint,
         cache_key=_field(data, "cache_key", str, None),
+        messages=chat_turns,
     )
     try:
         req.validate()
@@ -383,7 +414,8 @@ def request_body(
     extensions: bool = True,
     stream: bool = True,
 ) -> dict[str, Any]:
-    """What a client sends for ``req``: a completions body, or a chat body with ``messages``.
+    """What a client sends for ``req``: a completions body, or a chat body with ``messages``
+    (a chat request's own, ``req.chat_messages()``, which the server renders for its model).
 
     With ``extensions`` (a server of this testbed) the resume travels as ``prefix`` and
     ``start_index``; without, a completions prompt is ``prompt + prefix`` (any server re-reads

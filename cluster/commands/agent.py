@@ -8,9 +8,16 @@ one of:
 - the cluster's scheduler actor (``--scheduler ADDRESS``): its policy, budget, regime and server
   profile are the scheduler's (passing ``--budget``/``--regime``/``--server-profile`` as well is
   refused); when it does not answer within ``--planner-timeout-ms`` the request is planned by a
-  local copy of its policy (last known config) and counted in /metrics;
+  local copy of its policy (last known config) and counted in /metrics; the agent registers
+  with the scheduler every few seconds, with its counters (``disco status`` lists it);
 - a local policy (``--policy NAME``, default ``disco``) at ``--budget`` in ``--regime``, both
   printed at start.
+
+``--engine emulated`` replays the device profile's speeds instead of running a model (placeholder
+text: rehearsals and tests). On SIGTERM (or Ctrl-C) it stops accepting (new requests: 503 with
+an OpenAI-style error), lets the streams in flight finish within ``--grace-s``, ends the rest
+with an error event in their stream and exits 0 (130 after Ctrl-C); see
+``disco.device_agents.drain``.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from typing import Any
 # Used when neither --scheduler nor the flag is given (printed at start).
 DEFAULT_POLICY, DEFAULT_REGIME, DEFAULT_BUDGET = "disco", "server", 0.5
 DEFAULT_SERVER_PROFILE, DEFAULT_DEVICE_PROFILE = "gpt-4o-mini", "xiaomi14-qwen0.5b"
+DEFAULT_GRACE_S = 10.0
+HEARTBEAT_S = 5.0  # how often an agent with --scheduler registers (and sends its counters)
 # What the scheduler decides: refused beside --scheduler (it would be silently ignored).
 SCHEDULER_OWNS = (("--budget", "budget"), ("--regime", "regime"),
                   ("--server-profile", "server_profile"))  # fmt: skip
@@ -62,6 +71,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="plan locally when the scheduler has not answered by then (default: 100)",
     )
     p.add_argument(
+        "--first-token-timeout-ms", type=float, default=60_000.0,
+        help="an endpoint with no first token this long after it started (the device: after "
+        "it got its slot) has failed and the other takes over (default: 60000)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-device-queue", type=int, default=16,
+        help="requests that may wait for the device (it runs one at a time); past it, one the "
+        "plan gives to the device alone is refused with HTTP 429 (default: 16; -1: no limit)",
+    )  # fmt: skip
+    p.add_argument(
         "--regime", choices=("server", "device"), default=None,
         help=f"local policy only (default: {DEFAULT_REGIME})",
     )  # fmt: skip
@@ -80,6 +99,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", default=None, help="required on non-loopback hosts (or env)")
+    p.add_argument(
+        "--engine", choices=("llamacpp", "emulated"), default="llamacpp",
+        help="the device engine: llama.cpp on --model, or an emulation of --device-profile's "
+        "speeds (placeholder text; tests, rehearsals)",
+    )  # fmt: skip
+    p.add_argument(
+        "--grace-s", type=float, default=DEFAULT_GRACE_S,
+        help="on SIGTERM (or Ctrl-C): refuse new requests (503) and give the streams in flight "
+        f"this long to finish; the rest end with an error event (default: {DEFAULT_GRACE_S:g})",
+    )  # fmt: skip
     p.set_defaults(run=run)
 
 
@@ -139,17 +168,21 @@ def local_planner(args: argparse.Namespace, sp: Any, dp: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
+    import signal
+    from dataclasses import replace
 
     from disco.cluster.device_actors import build_agent, build_device_engine, profiles
     from disco.cluster.errors import CliError
     from disco.cluster.resolve import build_engine, check_live_policy
-    from disco.device_agents.agent_http import resolve_api_key, serve
+    from disco.device_agents.agent_http import resolve_api_key
     from disco.device_agents.config import AgentConfig, HttpConfig
     from disco.device_agents.models import ModelUnavailableError
 
     check_plan_flags(args)
     if not 0 < args.port < 65536:
         raise CliError(f"--port must be in 1..65535, got {args.port}")
+    if args.grace_s < 0:
+        raise CliError(f"--grace-s must be >= 0, got {args.grace_s}")
     device_kw: dict[str, Any] = {"n_ctx": args.n_ctx}
     if args.threads:
         device_kw["n_threads"] = args.threads
@@ -157,9 +190,11 @@ def run(args: argparse.Namespace) -> int:
         http = HttpConfig(host=args.host, port=args.port, api_key=resolve_api_key(args.api_key))
         http.check_exposure()
         cfg = AgentConfig(
-            device_id=args.device_id, model=args.model, engine="llamacpp",
+            device_id=args.device_id, model=args.model, engine=args.engine,
             engine_kwargs=device_kw, device_profile=args.device_profile, http=http,
             planner_timeout_ms=args.planner_timeout_ms,
+            first_token_timeout_ms=args.first_token_timeout_ms,
+            max_device_queue=None if args.max_device_queue < 0 else args.max_device_queue,
         )  # fmt: skip
     except ValueError as e:
         raise CliError(str(e)) from None
@@ -186,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
     server_kw = {"model": args.server_model, "disco_extensions": not args.plain_openai}
     if args.server_api_key:
         server_kw["api_key"] = args.server_api_key
+    if args.engine == "emulated":  # the device profile's speeds, replayed
+        cfg = replace(cfg, engine_kwargs={"profile": device_profile, "kind": "device"})
     try:
         device = build_device_engine(cfg)
     except (ModelUnavailableError, ValueError, FileNotFoundError) as e:
@@ -203,5 +240,51 @@ def run(args: argparse.Namespace) -> int:
         f"server {args.server}); planning: {planning}",
         flush=True,
     )
-    asyncio.run(serve(agent, http))
-    return 0
+    sig = asyncio.run(_serve(agent, http, args, planner if args.scheduler else None))
+    return 130 if sig == signal.SIGINT else 0
+
+
+async def _serve(agent: Any, http: Any, args: argparse.Namespace, scheduled: Any) -> int:
+    """Serve until SIGTERM/SIGINT, then drain (``disco.device_agents.drain``); returns the
+    signal. With a scheduler, register with it every HEARTBEAT_S (``disco status`` lists this
+    agent and its counters) and unregister at the end."""
+    import asyncio
+    import contextlib
+
+    from disco.device_agents.agent_http import create_app
+    from disco.device_agents.drain import Drain, serve_until_signalled
+
+    drain = Drain()
+    beat = None
+    if scheduled is not None:
+        beat = asyncio.get_running_loop().create_task(_heartbeat(scheduled.actor, agent, http))
+    try:
+        app = create_app(agent, http, drain=drain)
+        return await serve_until_signalled(app, http.host, http.port, drain, args.grace_s,
+                                           say=lambda m: print(m, flush=True))  # fmt: skip
+    finally:
+        if beat is not None:
+            beat.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(
+                    scheduled.actor.unregister.remote(agent.config.device_id), 2.0
+                )
+        await agent.drain()  # the planner reports still in flight
+
+
+async def _heartbeat(actor: Any, agent: Any, http: Any) -> None:
+    import asyncio
+    import contextlib
+    import os
+    import socket
+    from dataclasses import asdict
+
+    entry = {"id": agent.config.device_id, "kind": "agent", "devices": 1,
+             "url": f"http://{http.host}:{http.port}", "host": socket.gethostname(),
+             "pid": os.getpid(), "engine": agent.config.engine}  # fmt: skip
+    while True:
+        # A scheduler that is down or restarting: try again at the next beat.
+        with contextlib.suppress(Exception):
+            metrics = asdict(agent.metrics)
+            await asyncio.wait_for(actor.register.remote(entry | {"metrics": metrics}), HEARTBEAT_S)
+        await asyncio.sleep(HEARTBEAT_S)

@@ -89,10 +89,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--start", type=float, default=600.0, help="trace offset of the slice, s")
     p.add_argument("--server-engine", choices=("auto", "llamacpp", "vllm", "emulated"),
                    default="auto", help="auto: vllm with a CUDA GPU, else emulated (the "
-                   "continuous-batching model of --server-preset in real time)")
+                   "continuous-batching model of --server-preset in real time)")  # fmt: skip
     p.add_argument("--server-preset", default=DEMO_PRESET,
                    help=f"server preset of the emulated replicas (default {DEMO_PRESET}; "
-                   "disco sim --list-server-presets)")
+                   "disco sim --list-server-presets)")  # fmt: skip
     p.add_argument("--replicas", type=int, default=DEMO_REPLICAS,
                    help=f"server replicas (default {DEMO_REPLICAS})")  # fmt: skip
     p.add_argument("--no-agent", action="store_true", help="no real llama.cpp device agent")
@@ -340,7 +340,7 @@ def _run_policies(cfg, policies, reqs, placeholders, opts, size, out):
             rows.append(_row(policy, cfg.scheduler.budget, res.summary, dev, res.run.interrupted))
             s = res.summary
             say(f"[{i + 1}/{len(policies)}] {policy}: {s['requests']} requests, {s['errors']} errors, "
-                f"TTFT P50 {_ms(s['ttft_p50'])} P99 {_ms(s['ttft_p99'])}")  # fmt: skip
+                f"TTFT P50 {_ms(s['ttft_p50_s'])} P99 {_ms(s['ttft_p99_s'])}")  # fmt: skip
             tb.stop_device_side()
             if res.run.interrupted:
                 say("interrupted: skipping the remaining policies")
@@ -404,11 +404,14 @@ SIM_KEYS = ("policy", "migration", "ttft_mean", "ttft_p99", "budget_used", "serv
 
 
 def _row(policy: str, budget: float, s: dict, dev: dict, interrupted: bool) -> dict[str, Any]:
+    """One policy's row: latency from the load run's summary (``disco load``'s keys, units in
+    the name), cost and budget from the device side. The row keeps the simulator's key names
+    (seconds, USD) so that live and simulated rows compare key by key."""
     return {
         "policy": policy, "migration": split_policy(policy)[1], "budget": budget,
         "requests": s["requests"], "errors": s["errors"],
-        "ttft_mean": s["ttft_mean"], "ttft_p50": s["ttft_p50"], "ttft_p99": s["ttft_p99"],
-        "tbt_p99": s["tbt_p99"], "qoe_mean": s["qoe_mean"],
+        "ttft_mean": s["ttft_mean_s"], "ttft_p50": s["ttft_p50_s"], "ttft_p99": s["ttft_p99_s"],
+        "tbt_p99": s["tbt_p99_s"], "qoe_mean": s["qoe_mean"],
         "server_cost": dev.get("server_cost_usd"), "device_energy_j": dev.get("device_energy_j"),
         "budget_used": dev.get("budget_used"), "migrations": dev.get("migrations"),
         "interrupted": interrupted,

@@ -4,6 +4,9 @@ Locust runs headless in a child process (its gevent never meets Ray); this proce
 input, builds the schedule and the prompts, shows progress and writes the report. Every input
 problem (unreadable trace, unknown format, empty window, unreachable target) is reported before
 anything is sent.
+
+``disco load --overlay DIR,DIR,... --out DIR`` sends nothing: it draws finished runs (each one's
+``--label``) on one figure and tabulates them side by side (``disco.loadgen.overlay``).
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "load",
         help="replay a trace against device agents with Locust (headless) and report TTFT/TBT",
         description="Open-loop trace replay with Locust: streams /v1/completions from each target "
-        "and writes Locust's CSV/HTML, requests.jsonl, summary.json and PNG plots to --out.",
+        "and writes Locust's CSV/HTML, requests.jsonl, summary.json and PNG plots (timeline.png: "
+        "every request's tokens by endpoint) to --out. With --overlay: compare finished runs.",
     )
-    p.add_argument("--target", required=True, help="device agent base URL(s), comma-separated")
+    p.add_argument("--target", help="device agent base URL(s), comma-separated (required "
+                   "unless --overlay)")  # fmt: skip
     p.add_argument("--trace", help="trace file (Azure LLM CSV, BurstGPT CSV or Mooncake JSONL); "
                    "default: the shipped Azure conversation trace")  # fmt: skip
     p.add_argument("--arrivals", choices=("trace", "poisson", "gamma"), default="trace",
@@ -43,9 +48,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="the `model` field of each request (default: omitted)")
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--label", default="run", help="name of this run in the plots and summary")
+    p.add_argument("--label", default="run",
+                   help="name of this run in its plots and summary.json, and in --overlay legends")  # fmt: skip
     p.add_argument("--out", required=True, help="output folder")
+    g = p.add_argument_group("--overlay: compare finished runs (sends nothing)")
+    g.add_argument("--overlay", metavar="DIR,DIR,...",
+                   help="output folders of earlier runs: their TTFT/TBT CDFs on one figure with a "
+                   "legend by --label (overlay.png) and a table side by side (overlay.md)")  # fmt: skip
     p.set_defaults(run=run)
+
+
+# The run table printed at the end (units: see disco.loadgen.report.UNITS_NOTE).
+RUN_COLUMNS = ["label", "requests", "errors", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s",
+               "tbt_p99_s", "qoe_mean", "send_lag_p99_s"]  # fmt: skip
+SPLIT_COLUMNS = ["first_from_server", "first_from_device", "tokens_server", "tokens_device",
+                 "handovers", "migrations", "failovers", "server_cost_usd", "device_energy_j"]  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
     )
     from disco.loadgen.report import table
 
+    if args.overlay is not None:
+        return _overlay(args)
+    if not args.target:
+        raise CliError("--target is required (or --overlay DIR,DIR,... to compare finished runs)")
     for name in ("speedup", "duration", "request_timeout", "prompt_scale"):
         if getattr(args, name) <= 0:
             raise CliError(f"--{name.replace('_', '-')} must be > 0")
@@ -90,9 +111,8 @@ def run(args: argparse.Namespace) -> int:
     reqs = prepare(arrivals, targets, opts, counter)
     out = Path(args.out)
     res = replay(reqs, out, opts, say=lambda s: print(s, flush=True))
-    cols = ["label", "requests", "errors", "ttft_mean", "ttft_p50", "ttft_p99", "tbt_p99",
-            "qoe_mean", "send_lag_p99"]  # fmt: skip
-    print(table([res.summary], cols))
+    print(table([res.summary], RUN_COLUMNS))
+    print(table([res.summary], SPLIT_COLUMNS))
     if res.summary["error_kinds"]:
         print(
             "[load] errors: "
@@ -101,6 +121,23 @@ def run(args: argparse.Namespace) -> int:
     state = "interrupted; partial results" if res.run.interrupted else "results"
     print(f"[load] {state} in {out}/ (summary.json, requests.jsonl, locust_*.csv, *.png)")
     return 130 if res.run.interrupted else 0
+
+
+def _overlay(args: argparse.Namespace) -> int:
+    from disco.loadgen.overlay import RunDirError, overlay_table, write_overlay
+
+    if args.target:
+        raise CliError("--overlay compares finished runs and sends nothing: drop --target")
+    dirs = [d.strip() for d in args.overlay.split(",") if d.strip()]
+    if not dirs:
+        raise CliError("--overlay needs at least one run folder")
+    try:
+        runs, paths = write_overlay(dirs, args.out)
+    except RunDirError as e:
+        raise CliError(str(e)) from None
+    print(overlay_table(runs))
+    print(f"[load] {len(runs)} run(s) compared in {args.out}/ ({', '.join(p.name for p in paths)})")
+    return 0
 
 
 def _arrivals(args: argparse.Namespace) -> list:

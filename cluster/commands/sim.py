@@ -3,6 +3,12 @@
 Replays the trace (Azure LLM CSV, BurstGPT CSV or Mooncake JSONL; the shipped Azure conversation
 trace by default) through every policy at every budget, with and without migration, and writes
 DIR/sim.json, DIR/sim.csv and PNG plots. Same seed, same output.
+
+Each request has a device of its own unless --users N (with --server-preset): then the trace's
+requests go to N devices, each request to one drawn uniformly at random with --seed, and a device
+serves --device-slots streams at a time while the others wait in FIFO order; past
+--max-device-queue waiting streams, a request planned on the device alone is refused. The rows
+then add refused requests and the wait for a device slot (mean, P99).
 """
 
 from __future__ import annotations
@@ -40,6 +46,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replicas", type=int, default=1, help="replicas of --server-preset (default 1)")
     p.add_argument("--rtt-ms", type=float, default=50.0,
                    help="device <-> server round trip with --server-preset (default 50)")
+    p.add_argument("--users", type=int,
+                   help="with --server-preset: the requests share N devices (each request to one "
+                   "drawn uniformly with --seed) that queue their streams (default: each request "
+                   "its own device)")  # fmt: skip
+    p.add_argument("--device-slots", type=int,
+                   help="with --users: streams one device serves at once (default 1, llama.cpp)")
+    p.add_argument("--max-device-queue", type=int,
+                   help="with --users: refuse a request planned on the device alone while this "
+                   "many streams wait for it (default: no limit)")  # fmt: skip
     p.add_argument("--list-server-presets", action="store_true",
                    help="list the named server presets and exit")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
@@ -95,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--rtt-ms must be >= 0, got {args.rtt_ms:g}")
     if args.ray is not None and not args.server_preset:
         raise CliError("--ray spreads a --server-preset sweep; the load-free sweep runs in seconds")
+    _check_device_queue(args)
     try:
         server = load_profile(args.server_profile, "server")
         device = load_profile(args.device_profile, "device")
@@ -142,6 +158,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_device_queue(args: argparse.Namespace) -> None:
+    if args.users is None:
+        for flag, v in (("--device-slots", args.device_slots),
+                        ("--max-device-queue", args.max_device_queue)):  # fmt: skip
+            if v is not None:
+                raise CliError(f"{flag} needs --users (shared devices)")
+        return
+    if not args.server_preset:
+        raise CliError("--users needs --server-preset (the causal simulator models device queues)")
+    if args.users < 1:
+        raise CliError(f"--users must be >= 1, got {args.users}")
+    if args.device_slots is not None and args.device_slots < 1:
+        raise CliError(f"--device-slots must be >= 1, got {args.device_slots}")
+    if args.max_device_queue is not None and args.max_device_queue < 0:
+        raise CliError(f"--max-device-queue must be >= 0, got {args.max_device_queue}")
+
+
 def list_presets() -> int:
     from disco.scheduler.presets import SERVER_PRESETS
 
@@ -161,14 +194,23 @@ def _preset(name: str):
 
 def _run_causal(args, records, trace, preset, device, regime, budgets, policies, mig) -> int:
     from disco.cluster.provenance import provenance
-    from disco.scheduler.causal_sim import CAUSAL_ROW_KEYS, CausalSettings, causal_cell
+    from disco.scheduler.causal_sim import (
+        CAUSAL_ROW_KEYS,
+        DEVICE_QUEUE_ROW_KEYS,
+        CausalSettings,
+        causal_cell,
+    )
     from disco.scheduler.migration import MigrationConfig
     from disco.scheduler.presets import preset_profile
-    from disco.scheduler.report import format_table, plot_rows, write_rows
+    from disco.scheduler.report import DEVICE_QUEUE_COLS, format_table, plot_rows, write_rows
+    from disco.scheduler.simulator import ROW_KEYS
 
     rtt = args.rtt_ms / 1000.0
+    shared = args.users is not None
+    slots = args.device_slots if args.device_slots is not None else 1
     settings = CausalSettings(replicas=args.replicas, rtt_s=rtt, seed=args.seed,
-                              migration=MigrationConfig(rtt_s=rtt))  # fmt: skip
+                              migration=MigrationConfig(rtt_s=rtt), users=args.users,
+                              device_slots=slots, max_device_queue=args.max_device_queue)  # fmt: skip
     cells = [(p, b, m) for p in policies for b in budgets for m in mig]
     est = (args.window, args.recompute_every)
     t_start = time.perf_counter()
@@ -196,14 +238,19 @@ def _run_causal(args, records, trace, preset, device, regime, budgets, policies,
         "recompute_every": args.recompute_every, "model": "causal, continuous batching",
         **provenance(args),
     }  # fmt: skip
-    rows = [{k: r.get(k) for k in CAUSAL_ROW_KEYS} for r in rows]
-    write_rows(out, rows, meta)
+    keys = CAUSAL_ROW_KEYS
+    if shared:
+        meta.update(users=args.users, device_assignment="uniform, seeded", device_slots=slots,
+                    max_device_queue=args.max_device_queue)  # fmt: skip
+        keys += DEVICE_QUEUE_ROW_KEYS
+    rows = [{k: r.get(k) for k in keys} for r in rows]
+    write_rows(out, rows, meta, (*ROW_KEYS, *DEVICE_QUEUE_ROW_KEYS) if shared else None)
     if not args.no_plots:
         name = preset_profile(preset).name
         plot_rows(rows, out, f"{trace.name}: {regime.value}-constrained, {args.replicas} x "
                              f"{name} + {device.name}")  # fmt: skip
     if not args.quiet:
-        print(format_table(rows))
+        print(format_table(rows, DEVICE_QUEUE_COLS if shared else ()))
         print(f"wrote {out}/sim.json, sim.csv{'' if args.no_plots else ', plots'} "
               f"({time.perf_counter() - t_start:.1f} s)", file=sys.stderr)  # fmt: skip
     return 0

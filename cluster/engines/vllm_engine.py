@@ -13,6 +13,12 @@ when the consumer closes the stream.
   ids); the delta's text goes on the last of them.
 - Cancel: closing the stream aborts the request in the engine (``AsyncLLM.abort``).
 - Concurrency: vLLM batches concurrent streams itself (``max_concurrency = None``).
+- Chat: :meth:`VLLMEndpoint.render_chat` is the tokenizer's ``apply_chat_template`` (what
+  ``vllm serve`` renders chat with), ending with the assistant turn's header; a BOS the template
+  writes itself is dropped when encoding adds one (every prompt is encoded with the tokenizer's
+  special tokens), so there is exactly one. A tokenizer without a template gets the plain
+  transcript (:func:`~disco.scheduler.wire.default_chat_template`), and a chat request then stops
+  at its turn headers (vLLM's own ``stop``); a template's end of turn is the model's EOS.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 
 from disco.scheduler.endpoint import EndpointFailedError, GenerationRequest, InvalidRequestError
 from disco.scheduler.types import EndpointKind, TokenEvent
+from disco.scheduler.wire import DEFAULT_CHAT_STOP, default_chat_template
 
 
 class VLLMUnavailableError(RuntimeError):
@@ -107,14 +114,38 @@ class VLLMEndpoint:
             self._tokenizer = await tok if inspect.isawaitable(tok) else tok
         return self._tokenizer
 
-    def count_tokens(self, text: str) -> int:
+    def _sync_tok(self) -> Any:
         if self._tokenizer is None:
             tok = self._engine.get_tokenizer()
             if inspect.isawaitable(tok):  # older vLLM: only reachable from a coroutine
                 tok.close()
-                raise RuntimeError("on this vLLM version, count_tokens works after one stream")
+                raise RuntimeError("on this vLLM version, the tokenizer is ready after one stream")
             self._tokenizer = tok
-        return len(self._tokenizer.encode(text, add_special_tokens=False)) if text else 0
+        return self._tokenizer
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._sync_tok().encode(text, add_special_tokens=False)) if text else 0
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """``messages`` as this model's prompt (module docstring). Raises InvalidRequestError
+        when the template refuses them."""
+        tok = self._sync_tok()
+        if not getattr(tok, "chat_template", None):
+            return default_chat_template(messages)
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - jinja2's errors, the template's raise_exception
+            raise InvalidRequestError(f"{self.name}'s chat template: {e}") from None
+        bos = getattr(tok, "bos_token", None)
+        if bos and text.startswith(bos) and list(tok.encode(""))[:1] == [tok.bos_token_id]:
+            text = text[len(bos) :]  # stream's encode adds it
+        return text
+
+    @property
+    def chat_stop(self) -> tuple[str, ...]:
+        """Stop strings of a chat turn: the plain transcript's, when the tokenizer has no
+        template (a template's turn ends with the model's EOS, which vLLM stops at)."""
+        return () if getattr(self._sync_tok(), "chat_template", None) else DEFAULT_CHAT_STOP
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
         if self._engine is None:
@@ -134,6 +165,7 @@ class VLLMEndpoint:
             temperature=req.temperature,
             top_p=req.top_p,
             seed=req.seed,
+            stop=list(self.chat_stop) if req.messages is not None else None,
             output_kind=self._output_kind.DELTA,
         )
         rid = f"{req.request_id or 'disco'}-{next(self._ids)}"

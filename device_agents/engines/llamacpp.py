@@ -19,6 +19,17 @@ the step already in progress completes; ``aclose()`` returns once the worker has
 End of sequence: when the model emits an end-of-generation token the stream ends with one event of
 empty text carrying that token's id and ``finish_reason="stop"`` (as OpenAI-style servers send a
 final empty chunk). A stream cut by ``max_tokens`` or the context window ends with "length".
+
+Chat: :meth:`LlamaCppEndpoint.render_chat` renders messages with the GGUF's own template
+(``tokenizer.chat_template``) through llama-cpp-python's ``Jinja2ChatFormatter``, ending with the
+assistant turn's header; a GGUF without one (the bundled Gemma-3-270M is the base model and ships
+none) gets the plain transcript of :func:`disco.scheduler.wire.default_chat_template`. Every
+prompt is tokenized with its special tokens parsed (as llama-server and vLLM do), so the
+template's turn markers are the model's control tokens, and with the BOS the model asks for: the
+renderer drops a BOS the template wrote itself when the tokenizer adds one, so there is exactly
+one. A chat request (``req.messages`` set) also ends at the template's stop strings
+(:mod:`.stop_strings`; the plain transcript's ``"\\nuser:"``...); a template's end-of-turn token
+is an end-of-generation token already.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import concurrent.futures
+import functools
 import os
 import threading
 import time
@@ -37,6 +49,9 @@ from typing import Any
 from disco.device_agents.models import ModelUnavailableError, resolve_model
 from disco.scheduler.endpoint import EndpointFailedError, GenerationRequest, InvalidRequestError
 from disco.scheduler.types import EndpointKind, TokenEvent
+from disco.scheduler.wire import DEFAULT_CHAT_STOP, ChatTemplate, default_chat_template
+
+from .stop_strings import StopMatcher
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,13 +127,77 @@ class LlamaCppEndpoint:
 
     # --- tokenization -----------------------------------------------------------------------
     def count_tokens(self, text: str) -> int:
-        return len(self._llm.tokenize(text.encode(), add_bos=False)) if text else 0
+        return len(self._llm.tokenize(text.encode(), add_bos=False, special=True)) if text else 0
 
     def _input_ids(self, req: GenerationRequest) -> list[int]:
-        ids = self._llm.tokenize(req.prompt.encode(), add_bos=True)
+        ids = self._llm.tokenize(req.prompt.encode(), add_bos=True, special=True)
         if req.prefix:
             ids += self._llm.tokenize(req.prefix.encode(), add_bos=False)
         return ids
+
+    # --- chat (module docstring) -------------------------------------------------------------
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """``messages`` as this model's prompt, ending with the assistant turn's header.
+
+        Raises InvalidRequestError when the template refuses the messages (roles that do not
+        alternate, say)."""
+        import jinja2
+
+        render, _ = self._chat
+        try:
+            return render(messages)
+        except (jinja2.TemplateError, ValueError, TypeError) as e:
+            raise InvalidRequestError(f"{self.name}'s chat template: {e}") from None
+
+    @property
+    def chat_stop(self) -> tuple[str, ...]:
+        """The stop strings that end a chat turn of this model (see :meth:`render_chat`)."""
+        return self._chat[1]
+
+    @functools.cached_property
+    def _chat(self) -> tuple[ChatTemplate, tuple[str, ...]]:
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return default_chat_template, DEFAULT_CHAT_STOP
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        bos, eos = (self._token_text(t) for t in (self._llm.token_bos(), self._llm.token_eos()))
+        fmt = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
+        drop_bos = bool(bos) and bool(self._lib.llama_vocab_get_add_bos(self._vocab))
+
+        def render(messages: list[dict[str, str]]) -> str:
+            prompt = fmt(messages=messages).prompt  # add_generation_prompt: the formatter's default
+            # _input_ids adds the BOS when the model wants one: do not send it twice.
+            return prompt[len(bos) :] if drop_bos and prompt.startswith(bos) else prompt
+
+        return render, (eos,) if eos else ()
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:  # the model has no such token
+            return ""
+        return self._lib.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace")
+
+    def _chat_stops(
+        self, req: GenerationRequest, emit: Callable[[Any], bool], stop: threading.Event
+    ) -> Callable[[Any], bool]:
+        """``emit`` that ends a chat request at :attr:`chat_stop` (a StopMatcher between the
+        worker and the loop): at a match it sets ``stop``, so that decoding ends there."""
+        if req.messages is None or not self.chat_stop:
+            return emit
+        matcher = StopMatcher(self.chat_stop)
+
+        def checked(item: Any) -> bool:
+            if not isinstance(item, TokenEvent):  # the end, or a failure: release what is held
+                for ev in matcher.flush():
+                    emit(ev)
+                return emit(item)
+            ok = all([emit(ev) for ev in matcher.push(item)])
+            if matcher.stopped:
+                stop.set()
+                return False
+            return ok
+
+        return checked
 
     # --- streaming ----------------------------------------------------------------------------
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
@@ -182,6 +261,7 @@ class LlamaCppEndpoint:
     ) -> None:
         """Runs on the worker thread: one decode step per token, each handed to the loop."""
         try:
+            emit = self._chat_stops(req, emit, stop)
             llm = self._llm
             if req.temperature > 0:
                 llm.set_seed(self.config.seed if req.seed is None else req.seed)

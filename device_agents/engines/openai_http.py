@@ -30,6 +30,11 @@ Two APIs (``api=``):
   With ``disco_extensions=True`` the prefix travels as ``prefix`` instead (our agent and Serve
   app accept it on chat too).
 
+A chat request (``req.messages`` set: a user's chat reached the agent) always goes to
+``/v1/chat/completions`` with its messages, whatever ``api`` says: its ``prompt`` is rendered with
+the device model's template, which the server's model does not share, so the server renders the
+messages with its own. Resume as above (our servers: ``prefix``, inside the assistant's turn).
+
 Tokens: one event per token the decoder counts (one per chunk on vLLM and llama.cpp servers). A
 server that packs several tokens into a chunk and lists them in ``logprobs`` (ask with
 ``request_logprobs=True``) is split into one event per token, all stamped with the chunk's
@@ -89,9 +94,11 @@ class OpenAIConfig:
             raise ValueError(f"openai: chat_resume must be one of {', '.join(CHAT_RESUMES)}, "
                              f"got {self.chat_resume!r}")  # fmt: skip
 
-    def url(self) -> str:
+    def url(self, chat: bool | None = None) -> str:
+        """The route: chat when ``chat`` says so (None: as ``api`` says)."""
         base = self.base_url.rstrip("/")
-        path = "chat/completions" if self.api == "chat" else "completions"
+        chat = self.api == "chat" if chat is None else chat
+        path = "chat/completions" if chat else "completions"
         return f"{base}/{path}" if base.endswith("/v1") else f"{base}/v1/{path}"
 
 
@@ -132,7 +139,7 @@ class OpenAIEndpoint:
 
     def _body(self, req: GenerationRequest) -> dict[str, Any]:
         cfg = self.config
-        chat = cfg.api == "chat"
+        chat = self._chat(req)
         messages = self._messages(req) if chat else None
         body = request_body(req, cfg.model, messages=messages, extensions=cfg.disco_extensions)
         vllm_resume = cfg.chat_resume == "continue_final_message"
@@ -143,9 +150,13 @@ class OpenAIEndpoint:
         body.update(dict(cfg.extra_body))
         return body
 
+    def _chat(self, req: GenerationRequest) -> bool:
+        return self.config.api == "chat" or req.messages is not None
+
     def _messages(self, req: GenerationRequest) -> list[dict[str, str]]:
-        """The chat turns for ``req``: the prompt, and on a resume the prefix (docstring)."""
-        messages = [{"role": "user", "content": req.prompt}]
+        """The chat turns for ``req``: its messages (else the prompt as one user message), and
+        on a resume the prefix (module docstring)."""
+        messages = req.chat_messages() or [{"role": "user", "content": req.prompt}]
         if req.prefix and not self.config.disco_extensions:
             messages.append({"role": "assistant", "content": req.prefix})
             if self.config.chat_resume == "assistant_turn":
@@ -156,7 +167,10 @@ class OpenAIEndpoint:
         req.validate()
         try:
             async with self._client.stream(
-                "POST", self.config.url(), json=self._body(req), headers=self._headers
+                "POST",
+                self.config.url(self._chat(req)),
+                json=self._body(req),
+                headers=self._headers,
             ) as resp:
                 if resp.status_code != 200:
                     await resp.aread()

@@ -219,13 +219,19 @@ class WindowPolicy:
         """Whether the budget guard applies (policies that take a budget)."""
         return self.uses_budget
 
-    def guard_allows(self, prompt_tokens: float) -> bool:
+    # [R] A hedge (a delayed constrained start) must leave this much of the guard's slack free
+    # (0: none; DiSCo sets PolicyConfig.hedge_guard_margin), so that when the window nears the
+    # cap the optional hedges are refused before the immediate starts are.
+    hedge_margin = 0.0
+
+    def guard_allows(self, prompt_tokens: float, hedge: bool = False) -> bool:
         """Budget guard for one request (see module doc); the batch path runs the same rule."""
         if not self.guarded or self.budget >= 1.0:
             return True
         seen = self.budget_seen + self.inflight_seen + prompt_tokens
         spent = self.budget_spent + self.inflight_spent + prompt_tokens
-        return spent <= (self.budget + GUARD_SLACK) * seen
+        slack = GUARD_SLACK - (self.hedge_margin if hedge else 0.0)
+        return spent <= (self.budget + slack) * seen
 
     def hedge_fire_share(self, start_s: float) -> float:
         """[R] Probability that a hedge of the constrained endpoint at ``start_s`` fires (the
@@ -244,11 +250,9 @@ class WindowPolicy:
 
     def plan(self, request: Request, now: float) -> Plan:
         del now  # decisions depend on the request and the learned state, not on the clock
-        hint = np.nan if request.server_ttft_hint is None else request.server_ttft_hint
-        ss, ds = self._decide(np.array([float(request.prompt_tokens)]), np.array([hint]))
-        if not np.isnan(self.constrained_start(ss, ds)[0]) and not self.guard_allows(
-            request.prompt_tokens
-        ):
+        ss, ds = self._decide_one(request)
+        c0 = float(self.constrained_start(ss, ds)[0])
+        if not math.isnan(c0) and not self.guard_allows(request.prompt_tokens, hedge=c0 > 0.0):
             ss, ds = self.unconstrained_only(1)
         s, d = float(ss[0]), float(ds[0])
         c = self.constrained_start(ss, ds)[0]
@@ -272,7 +276,25 @@ class WindowPolicy:
             policy=self.name,
         )
 
+    def _decide_one(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
+        """``_decide`` for one live request (length-1 arrays), its device queue included."""
+        hint = np.nan if request.server_ttft_hint is None else request.server_ttft_hint
+        return self._decide(np.array([self.decision_length(request)]), np.array([hint]))
+
+    def decision_length(self, request: Request) -> float:
+        """The prompt length a decision is made for. [R] ours (issue 10): a device busy with a
+        queue reaches its first token later, exactly as for a longer prompt on an idle device,
+        so the request is decided as the prompt whose device TTFT on an idle device equals its
+        own behind the queue: l + delay x prefill speed. Budget accounting keeps the real l."""
+        length = float(request.prompt_tokens)
+        if self.config.device_queue_aware and request.device_queue is not None:
+            length += self.device.queue_delay(request.device_queue) * self.device.prefill_tps
+        return length
+
     def observe(self, outcome: RequestOutcome) -> None:
+        if outcome.refused:  # never ran: no work, not part of the budget window
+            self._release(outcome.request_id)
+            return
         ss = self._release(outcome.request_id)
         plen = outcome.prompt_tokens
         spent = (
@@ -336,21 +358,23 @@ def budget_guard_scan(
     budget: float,
     drop_seen: np.ndarray | None = None,
     drop_spent: np.ndarray | None = None,
+    margin: np.ndarray | None = None,
 ) -> np.ndarray:
     """Batch twin of ``WindowPolicy.guard_allows`` over a chunk, observations applied in order.
 
     ``spend_if_used``: what request i spends on the constrained endpoint if allowed (known to the
     simulator from its world). ``seen0``/``spent0``: the budget window's totals before the chunk;
     ``drop_seen``/``drop_spent``: what leaves the window as each of the chunk's observations
-    enters it (``Window.departing``). Returns the allowed mask. Vectorised when the guard never
-    binds.
+    enters it (``Window.departing``); ``margin``: per request, the part of the guard's slack it
+    must leave free (``WindowPolicy.hedge_margin`` for hedges). Returns the allowed mask.
+    Vectorised when the guard never binds.
     """
     if budget >= 1.0:
         return want.copy()
     k = lengths.size
     ds = np.zeros(k) if drop_seen is None else np.asarray(drop_seen, dtype=float)
     dp = np.zeros(k) if drop_spent is None else np.asarray(drop_spent, dtype=float)
-    cap_rate = budget + GUARD_SLACK
+    cap_rate = budget + GUARD_SLACK - (np.zeros(k) if margin is None else np.asarray(margin, float))
     spend = np.where(want, spend_if_used, 0.0)
     seen_before = seen0 + np.concatenate(([0.0], np.cumsum(lengths - ds)[:-1]))
     spent_before = spent0 + np.concatenate(([0.0], np.cumsum(spend - dp)[:-1]))
@@ -361,7 +385,7 @@ def budget_guard_scan(
     seen, spent = seen0, spent0
     for i in range(k):  # rare: the guard binds somewhere in this chunk
         li = float(lengths[i])
-        if allowed[i] and spent + li > cap_rate * (seen + li):
+        if allowed[i] and spent + li > float(cap_rate[i]) * (seen + li):
             allowed[i] = False
         if allowed[i]:
             spent += float(spend_if_used[i])

@@ -23,7 +23,14 @@ paper-notes.md [N] gives the shapes; the concrete algorithms here are OUR recons
   that safe level and later than under the length split. The two-stage table is kept only where
   the window's estimated tail quantile (S(x) x share of prompts whose device cap exceeds x) is
   lower than the dominating table's by more than candidate_tol, since it was fitted to the same
-  window and its estimate is optimistic.
+  window and its estimate is optimistic. With mean_tail_select (the default, issue 14) the choice
+  weighs the mean too: the reference is the length split at b itself (plus stage 2 on what the
+  feedback budget leaves), and the two-stage, the length-dominating and the mean-optimal (stage 2
+  alone) tables replace it only where the window estimates a mean no higher and a tail lower by
+  more than candidate_tol (then the lowest mean/mean_ref + tail/tail_ref wins). Tail protection
+  first cost up to +95 % mean TTFT on a chat-shaped workload, where racing short prompts at once
+  is what the mean needs (bench/results/paper.md). Hedges also leave hedge_guard_margin of the
+  guard's slack free (common.py), so that a window near its cap refuses them before races.
 - Budget feedback: every recompute, b_eff = b + deficit / (feedback_horizon periods' worth of
   prompt tokens), where deficit = b * seen - spent counted from the first recompute on (the
   requests before it had nothing to spend with), so the spent share converges to b; b_eff is also
@@ -59,6 +66,8 @@ class DiSCo(WindowPolicy):
         self.edges = np.zeros(0)  # DiSCo-D: one bucket, never hedge before data
         self.waits = np.array([np.inf])
         self.tail_target: float | None = None
+        self.choice = ""  # DiSCo-D: which candidate table the last fit kept
+        self.hedge_margin = config.hedge_guard_margin
         self._origin: tuple[float, float] | None = None  # (seen, spent) at the first fit
         self._km: KaplanMeier | None = None  # server TTFT survival, from the last fit
 
@@ -108,6 +117,23 @@ class DiSCo(WindowPolicy):
             self.threshold = length_threshold(self.window.l[w], self.b_eff, long_side=True)
         else:
             self._fit_waits(self.window.l[w], self.window.ts[w], self.window.exact[w])
+
+    def _decide_one(self, request):
+        ss, ds = super()._decide_one(request)
+        q = request.device_queue
+        if (
+            self.constrained is EndpointKind.SERVER
+            and not np.isfinite(self.threshold)
+            and 0.0 < self.budget < 1.0
+            and self.config.device_queue_aware
+            and q is not None
+            and q.busy
+        ):
+            # [R] Cold start: before the first fit the threshold races nothing, so a device
+            # that is already busy would queue every request (and refusals never teach the
+            # policy). Race such a request; the budget guard decides whether it may.
+            ss = np.zeros(1)
+        return ss, ds
 
     def _decide(self, lengths, hints):
         n = lengths.size
@@ -268,7 +294,8 @@ class DiSCo(WindowPolicy):
         cost[:, g + 2], mean[:, g + 2] = option(dom)
         rows = np.arange(nb)
 
-        def optimise(ceiling: np.ndarray) -> np.ndarray:
+        def optimise(ceiling: np.ndarray, budget: float = budget) -> np.ndarray:
+            """Stage (2) under per-bucket wait ceilings, within ``budget`` tokens."""
             allowed_col = choice_w <= ceiling[:, None]
 
             # All multipliers at once: the smallest mu on a log grid whose choice fits.
@@ -298,7 +325,25 @@ class DiSCo(WindowPolicy):
         use_dom = self.config.length_candidate and np.isfinite(dom).any()
         two_stage_wins = not use_dom or tail_estimate(waits) < tail_estimate(dom) * tol
         best = optimise(waits if two_stage_wins else dom)
-        self.edges, self.waits = edges, choice_w[rows, best]
+        self.choice = "two-stage" if two_stage_wins else "length-dominating"
+        table = choice_w[rows, best]
+        if self.config.mean_tail_select and thr > -np.inf:
+            # [R] Mean and tail together (issue 14): both tables above put the tail first. The
+            # mean-optimal table (stage 2 alone) replaces the kept one where the window estimates
+            # its mean lower by more than mean_gain_min and its tail quantile no higher than the
+            # plain length split's (the baseline the tail-first tables are built to beat).
+            upper = np.append(edges, np.inf)  # bucket j holds l < upper[j]
+            raced = upper <= np.nextafter(thr, np.inf) if np.isfinite(thr) else np.ones(nb, bool)
+            m_kept = float(mean[rows, best].sum()) / n
+            alt = optimise(np.full(nb, np.inf))
+            m_alt = float(mean[rows, alt].sum()) / n
+            spends = cost[rows, alt].sum() >= getattr(self, "_sp", 0.99) * cost[rows, best].sum()
+            if spends and m_alt < m_kept * (1.0 - self.config.mean_gain_min):
+                alt_table = choice_w[rows, alt]
+                q_ref = max(tail_estimate(table), tail_estimate(np.where(raced, 0.0, np.inf)))
+                if tail_estimate(alt_table) <= q_ref:
+                    table, self.choice = alt_table, "mean-optimal"
+        self.edges, self.waits = edges, table
 
 
 POLICIES.add("disco", DiSCo)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -209,3 +210,35 @@ async def test_a_stream_as_openai_sends_it_follows_the_empty_text_rule():
         (0, "Hel", None), (1, "lo", None), (2, "", "stop"),
     ]  # fmt: skip
     assert seen[0]["logprobs"] is True and seen[0]["max_tokens"] == 8
+
+
+CHAT = (("system", "Be brief."), ("user", "Tell me"))
+
+
+def test_a_chat_request_goes_to_the_chat_route_as_its_messages():
+    # Its prompt is the device model's rendering; the server renders the messages itself.
+    req = GenerationRequest("<device template>", 3, messages=CHAT)
+    turns = [{"role": r, "content": c} for r, c in CHAT]
+    for api in ("completions", "chat"):
+        ep = OpenAIEndpoint("http://h:1", api=api, disco_extensions=True)
+        body = ep._body(replace(req, prefix=" Once", start_index=1))
+        assert ep.config.url(ep._chat(req)) == "http://h:1/v1/chat/completions"
+        assert body["messages"] == turns and "prompt" not in body
+        assert (body["prefix"], body["start_index"]) == (" Once", 1)  # the same assistant turn
+    plain = OpenAIEndpoint("http://h:1", api="chat", chat_resume="continue_final_message")
+    body = plain._body(replace(req, prefix=" Once"))
+    assert body["messages"] == [*turns, {"role": "assistant", "content": " Once"}]
+    assert body["continue_final_message"] is True
+    completion = GenerationRequest("Tell me", 3)
+    assert OpenAIEndpoint("http://h:1")._chat(completion) is False
+
+
+async def test_the_chat_service_receives_the_conversation(chat_only):
+    stub, rec = chat_only
+    ep = OpenAIEndpoint(stub.url, model="gpt-4o-mini")  # api="completions": chat goes to chat
+    events = [ev async for ev in ep.stream(GenerationRequest("x", 2, messages=CHAT))]
+    await ep.close()
+    assert len(events) == 2
+    assert stub.received[-1]["messages"] == [{"role": r, "content": c} for r, c in CHAT]
+    assert rec.calls[-1].messages == CHAT
+    assert rec.calls[-1].prompt == "system: Be brief.\nuser: Tell me\nassistant:"

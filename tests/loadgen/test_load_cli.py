@@ -55,8 +55,50 @@ def test_load_end_to_end_writes_every_file(tmp_path: Path) -> None:
     assert rows["TTFT"]["Request Count"] == "5"
     assert rows["TBT"]["Request Count"] == str(5 * 5)  # every inter-token gap
     assert rows["completion"]["Failure Count"] == "0"
-    for name in ("locust.html", "ttft_cdf.png", "tbt_cdf.png", "timeline.png"):
+    for name in ("locust.html", "ttft_cdf.png", "tbt_cdf.png", "timeline.png", "load.png"):
         assert (out / name).stat().st_size > 0, name
+    # A plain OpenAI server: untagged tokens, and no agent counters (null, with the reason).
+    assert summary["first_from_unknown"] == 5 and summary["tokens_unknown_source"] == 30
+    assert summary["migrations"] is None and summary["server_cost_usd"] is None
+    assert "HTTP 404" in summary["notes"]["counters"]
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_load_reports_the_endpoint_split_handovers_and_the_agents_counters(tmp_path: Path) -> None:
+    trace = _azure_trace(tmp_path / "t.csv", 5, gap=0.1)
+    out = tmp_path / "out"
+    # The mock plays a device agent: server tokens, two requests handed to the device mid-stream,
+    # and the agent's counters at /metrics.
+    cfg = MockConfig(ttft_s=0.01, tbt_s=0.002, source="server", metrics=True,
+                     handover_at={"r000001": 2, "r000003": 4})  # fmt: skip
+    with MockServer(cfg) as srv:
+        rc = cli.main([
+            "load", "--target", srv.url, "--trace", str(trace), "--max-tokens", "6",
+            "--tokenizer", "estimate", "--label", "agent", "--out", str(out),
+        ])  # fmt: skip
+    assert rc == 0
+    recs = {r.id: r for r in read_records(out / "requests.jsonl")}
+    assert recs["r000001"].token_sources == ["server"] * 2 + ["device"] * 4
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["first_from_server"], s["first_from_device"]) == (5, 0)
+    assert (s["handovers"], s["requests_with_handover"]) == (2, 2)
+    assert (s["tokens_server"], s["tokens_device"]) == (5 * 6 - 6, 6) and s["tokens"] == 30
+    # The agents' counters agree with what the streams showed, and price it.
+    c = s["agent_counters"]
+    assert (c["completed"], c["tokens_server"], c["tokens_device"]) == (5, 24, 6)
+    assert (s["migrations"], s["failovers"]) == (2, 0)
+    assert s["server_cost_usd"] == pytest.approx(24 * cfg.usd_per_server_token)
+    assert s["device_energy_j"] == pytest.approx(6 * cfg.j_per_device_token)
+    assert (
+        s["budget_used"] is None and s["regime"] is None and "budget_regime" in s["notes"]["budget"]
+    )
+    w, h = _png_size(out / "timeline.png")
+    assert 500 <= w <= 2000 and 250 <= h <= 2000
 
 
 @pytest.mark.parametrize(

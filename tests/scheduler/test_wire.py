@@ -8,7 +8,7 @@ import json
 import pytest
 
 from disco.scheduler import wire
-from disco.scheduler.endpoint import GenerationRequest
+from disco.scheduler.endpoint import GenerationRequest, InvalidRequestError
 from disco.scheduler.types import EndpointKind, TokenEvent
 from disco.scheduler.wire import ApiError, ResponseHead, SSEDecoder
 
@@ -68,6 +68,29 @@ def test_vllm_continue_final_message_is_the_prefix():
     assert (r.prompt, r.prefix, r.start_index) == ("user: q\nassistant:", " partial", 3)
     plain = parse(chat=True, messages=msgs).request  # without the flag it is just a turn
     assert plain.prefix == "" and plain.prompt.endswith("assistant:  partial\nassistant:")
+
+
+def test_a_chat_keeps_its_messages_and_is_rendered_by_the_given_template():
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": " part"}]
+    r = wire.parse_request({"messages": msgs, "continue_final_message": True}, chat=True,
+                           chat_template=lambda m: f"<{len(m)} turns>").request  # fmt: skip
+    assert (r.prompt, r.prefix, r.messages) == ("<1 turns>", " part", (("user", "q"),))
+    assert r.chat_messages() == msgs[:1] and parse(prompt="x").request.messages is None
+    assert wire.chat_template_of(object()) is wire.default_chat_template
+
+    def refuse(messages):
+        raise InvalidRequestError("roles must alternate")
+
+    with pytest.raises(ApiError) as e:
+        wire.parse_request({"messages": msgs}, chat=True, chat_template=refuse)
+    assert (e.value.status, e.value.param) == (400, "messages")
+
+
+def test_a_missing_route_is_an_openai_error():
+    err = wire.route_error(404, "Not Found", "GET", "/v1/nothing")
+    assert err.body() == {"error": {"message": "Not Found: GET /v1/nothing",
+                                    "type": "invalid_request_error", "param": None,
+                                    "code": None}}  # fmt: skip
 
 
 BAD = [
