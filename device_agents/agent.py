@@ -73,6 +73,7 @@ class DeviceAgent:
                 slots.waiting,
                 slots.queued,
             )
+            m.device_saturated = int(self.saturated())
         return m
 
     def saturated(self) -> bool:

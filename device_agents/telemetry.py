@@ -30,6 +30,7 @@ class AgentMetrics:
     device_running: int = 0
     device_waiting: int = 0
     device_queued: int = 0  # streams that had to wait for a device slot (a counter)
+    device_saturated: int = 0  # 1 while the queue is at its limit (requests are refused)
     # Prompt tokens of finished requests, and what each endpoint prefilled for them (race losers
     # included: the budget's spend, scheduler/billing.py).
     prompt_tokens: int = 0
@@ -102,6 +103,8 @@ class AgentMetrics:
         gauge("device_streams_running", "Streams holding a device slot now.", self.device_running)
         gauge("device_streams_waiting", "Streams waiting for a device slot now.",
               self.device_waiting)  # fmt: skip
+        gauge("device_saturated", "1 while the device's queue is at its limit: a request the "
+              "plan gives to the device alone is refused.", self.device_saturated)  # fmt: skip
         counter("device_streams_queued_total", "Streams that waited for a device slot.",
                 self.device_queued)  # fmt: skip
         counter("device_refused_total",

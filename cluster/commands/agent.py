@@ -95,6 +95,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--device-profile", default=None,
         help=f"this device's profile (default: the scheduler's, else {DEFAULT_DEVICE_PROFILE})",
     )  # fmt: skip
+    p.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error"),
+        help="info (default): one line per request (id, plan, winner, migration, TTFT) and "
+        "every refusal or fallback; warning: problems only",
+    )  # fmt: skip
     p.add_argument("--device-id", default="agent-0")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
@@ -168,6 +173,7 @@ def local_planner(args: argparse.Namespace, sp: Any, dp: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
+    import logging
     import signal
     from dataclasses import replace
 
@@ -178,6 +184,10 @@ def run(args: argparse.Namespace) -> int:
     from disco.device_agents.config import AgentConfig, HttpConfig
     from disco.device_agents.models import ModelUnavailableError
 
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     check_plan_flags(args)
     if not 0 < args.port < 65536:
         raise CliError(f"--port must be in 1..65535, got {args.port}")

@@ -62,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 RUN_COLUMNS = ["label", "requests", "errors", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s",
                "tbt_p99_s", "qoe_mean", "send_lag_p99_s"]  # fmt: skip
 SPLIT_COLUMNS = ["first_from_server", "first_from_device", "tokens_server", "tokens_device",
-                 "handovers", "migrations", "failovers", "server_cost_usd", "device_energy_j"]  # fmt: skip
+                 "handovers", "migrations", "failovers", "server_cost_usd", "device_energy_j",
+                 "budget_used"]  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,6 +118,11 @@ def run(args: argparse.Namespace) -> int:
         print(
             "[load] errors: "
             + ", ".join(f"{k} x{n}" for k, n in res.summary["error_kinds"].items())
+        )
+    if res.summary.get("refused"):
+        print(
+            f"[load] device saturated: {res.summary['refused']} requests refused with HTTP 429 "
+            "(device_saturated): the device's queue was full and the budget kept the server out"
         )
     state = "interrupted; partial results" if res.run.interrupted else "results"
     print(f"[load] {state} in {out}/ (summary.json, requests.jsonl, locust_*.csv, *.png)")

@@ -186,13 +186,15 @@ def test_agent_refuses_past_the_queue_limit_and_keeps_what_it_accepted():
         second = await agent.start(gen)  # waits (queue 0 -> 1)
         waiting = asyncio.ensure_future(second.collect())
         await asyncio.sleep(0)
-        assert agent.saturated()
+        assert agent.saturated() and agent.metrics.device_saturated == 1
+        assert "disco_agent_device_saturated 1" in agent.metrics.render()
         with pytest.raises(DeviceSaturatedError) as err:
             await agent.start(gen)
         assert err.value.status == 429 and err.value.code == "device_saturated"
         (ev1, o1), (ev2, o2) = await asyncio.gather(running, waiting)
         assert o1.error is None and o2.error is None and len(ev1) == len(ev2) == 3
         m = agent.metrics
+        assert m.device_saturated == 0  # the queue drained
         assert m.device_refused == 1 and m.completed == 2 and m.device_queued == 1
         assert "disco_agent_device_refused_total 1" in m.render()
         await agent.drain()
