@@ -186,7 +186,10 @@ def main() -> int:
         "length threshold; both with budget feedback (deficit repaid over 4 recomputes of 100). "
         "DiSCo-D also builds a length-dominating wait table (w = 0 up to the length split at b, "
         "capped waits for short prompts, then the mean stage) and keeps the two-stage table only "
-        "when the window estimates its P99 lower by more than 3% (`candidate_tol`).",
+        "when the window estimates its P99 lower by more than 3% (`candidate_tol`); the "
+        "mean-optimal table (no tail stage) replaces the kept one where the window estimates a "
+        "mean lower by more than 2% at no higher P99 and the same spend (`mean_tail_select`, "
+        "issue 14).",
         "- Migration is decided at the first token with the online conditional mean of the output "
         "length; the race's loser, when it is the target, keeps its prefilled prompt. The switch "
         "waits for the target, so P99 TBT and QoE do not change; only output tokens move, so the "

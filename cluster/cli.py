@@ -20,6 +20,7 @@ from disco.scheduler.registry import UnknownNameError
 COMMANDS: dict[str, str] = {
     "demo": "demo",
     "sim": "sim",
+    "reproduce": "reproduce",
     "serve": "serve",
     "status": "status",
     "down": "down",

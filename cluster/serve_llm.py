@@ -92,4 +92,57 @@ def build_serve_llm_app(model_source: str, **kwargs: Any) -> Any:
     return build_openai_app({"llm_configs": [LLMConfig(**llm_config(model_source, **kwargs))]})
 
 
-__all__ = ["ACCELERATORS", "DEFAULT_MODEL_ID", "build_serve_llm_app", "llm_config"]
+def main(argv: list[str] | None = None) -> int:
+    """``python -m disco.cluster.serve_llm MODEL [...]``: deploy the app onto a running Ray
+    cluster (``--address``, else ``$RAY_ADDRESS``, else ``auto``) beside what is there (e.g. the
+    scheduler and server app of ``disco serve``), and print its OpenAI base URL for
+    ``disco agent --server URL --plain-openai``. The app outlives the command: remove it with
+    ``serve.delete(NAME)`` (``disco down`` removes the testbed's own apps only)."""
+    import argparse
+    import json
+    import os
+
+    p = argparse.ArgumentParser(
+        prog="python -m disco.cluster.serve_llm",
+        description="Deploy Ray Serve LLM (stream batching off) onto a Ray cluster.",
+    )
+    p.add_argument("model", help="HF repo id or local HF model directory (model_source)")
+    p.add_argument("--model-id", default=DEFAULT_MODEL_ID, help="the OpenAI model name answered")
+    p.add_argument("--name", default="llm", help="the Serve application's name (default: llm)")
+    p.add_argument("--route-prefix", default="/llm", help="its route prefix (default: /llm)")
+    p.add_argument("--accelerator", choices=ACCELERATORS, default="gpu")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--num-cpus", type=float, default=None, help="per replica actor")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--engine-kwargs", default="{}", metavar="JSON", help="more vLLM engine args")
+    p.add_argument("--stream-batching-interval-ms", type=float, default=0.0)
+    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or auto)")
+    args = p.parse_args(argv)
+    engine = json.loads(args.engine_kwargs)
+    if args.max_model_len is not None:
+        engine["max_model_len"] = args.max_model_len
+    import ray
+    from ray import serve
+
+    # Before the app is built: building it joins (or starts) a Ray of its own otherwise.
+    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto",
+             log_to_driver=False)  # fmt: skip
+    app = build_serve_llm_app(
+        args.model, model_id=args.model_id, accelerator=args.accelerator,
+        num_replicas=args.replicas, num_cpus=args.num_cpus, engine_kwargs=engine,
+        stream_batching_interval_ms=args.stream_batching_interval_ms,
+    )  # fmt: skip
+    serve.run(app, name=args.name, route_prefix=args.route_prefix, blocking=False)
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    prefix = args.route_prefix.rstrip("/")
+    print(f"Ray Serve LLM app {args.name!r} ready: http://{http.host}:{http.port}{prefix} "
+          f"(model {args.model_id!r})", flush=True)  # fmt: skip
+    return 0
+
+
+__all__ = ["ACCELERATORS", "DEFAULT_MODEL_ID", "build_serve_llm_app", "llm_config", "main"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

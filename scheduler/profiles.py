@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,13 @@ from .types import DeviceQueue
 # [R] our assumption: 1e-6 USD/J makes ~0.3 J/token (a 1B model on a phone) cost ~$0.3 per 1M
 # tokens, the same order as small-model API prices, so the trade-off is not degenerate.
 DEFAULT_LAMBDA_USD_PER_J = 1e-6
+# [R] ours (issue 14): lambda is part of the regime. The device-constrained regime only makes sense
+# where device work is the scarce, dear resource: at 5e-5 USD/J (a 15 Wh phone battery valued at
+# ~$2.7 a charge) device decoding costs $4.5 (Xiaomi 14, Qwen-0.5B) to $13.2 (Pixel 7 Pro,
+# BLOOM-1.1B) per million tokens, above every shipped server's output price ($0.28-2.00), so that
+# moving decoding to the server pays. The server-constrained regime keeps 1e-6 USD/J, where device
+# decoding ($0.09-0.26 per million tokens) is the cheaper endpoint. `disco sim --lambda` overrides.
+DEVICE_REGIME_LAMBDA_USD_PER_J = 5e-5
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +161,24 @@ def _gamma_gaps(rng: np.random.Generator, mean: float, cv: float, n: int) -> np.
 
 
 Profile = ServerProfile | DeviceProfile
+
+
+def regime_lambda(regime: str) -> float:
+    """The default device-energy price (USD/J) of a regime ("device" or "server" constrained)."""
+    key = getattr(regime, "value", regime)
+    if key not in ("device", "server"):
+        raise ValueError(f"regime must be 'device' or 'server', got {regime!r}")
+    return DEVICE_REGIME_LAMBDA_USD_PER_J if key == "device" else DEFAULT_LAMBDA_USD_PER_J
+
+
+def with_lambda(device: DeviceProfile, lambda_usd_per_j: float) -> DeviceProfile:
+    """``device`` with its energy priced at ``lambda_usd_per_j`` (the migration planner compares
+    decode costs through ``DeviceProfile.cost_usd``, so the price reaches it this way)."""
+    if not lambda_usd_per_j >= 0.0:
+        raise ValueError(f"lambda must be >= 0 USD/J, got {lambda_usd_per_j}")
+    if device.lambda_usd_per_j == lambda_usd_per_j:
+        return device
+    return replace(device, lambda_usd_per_j=float(lambda_usd_per_j))
 
 SERVER_PROFILES: Registry[ServerProfile] = Registry("server profile")
 DEVICE_PROFILES: Registry[DeviceProfile] = Registry("device profile")

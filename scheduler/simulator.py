@@ -27,7 +27,7 @@ closed form). A test holds them equal.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from .metrics import DEFAULT_EXPECTED_TTFT_S, DEFAULT_TDS, summarize_arrays, tar
 from .migration import MigrationConfig, decide_migration_batch, median_ttft, warm_latency
 from .policies import PolicyConfig, make_policy
 from .policies.common import NEVER, WindowPolicy, budget_guard_scan
-from .profiles import DeviceProfile, ServerProfile
+from .profiles import DeviceProfile, ServerProfile, regime_lambda, with_lambda
 from .traces import TraceRecord
 from .types import EndpointKind, MigrationRule, Plan, Regime, Request, RequestOutcome
 
@@ -83,6 +83,11 @@ class World:
 
     def __len__(self) -> int:
         return int(self.prompt.size)
+
+    def priced(self, lambda_usd_per_j: float) -> World:
+        """The same draws with device energy priced at ``lambda_usd_per_j`` USD/J."""
+        device = with_lambda(self.device, lambda_usd_per_j)
+        return self if device is self.device else replace(self, device=device)
 
 
 @dataclass
@@ -357,15 +362,13 @@ def run_batch(policy: WindowPolicy, world: World, settings: SimSettings | None =
         lengths = world.prompt[sl]
         ss, ds = policy._decide(lengths, hints[sl])
         if policy.guarded:
-            cs = policy.constrained_start(ss, ds)
-            want = ~np.isnan(cs)
+            want = ~np.isnan(policy.constrained_start(ss, ds))
             d = dispatch(ss, ds, world.server_ttft[sl], world.device_ttft[sl])
             used = d.started_s if policy.constrained is EndpointKind.SERVER else d.started_d
             drop_seen, drop_spent = policy.window.departing(lengths.size)
-            margin = np.where(want & (np.nan_to_num(cs) > 0.0), policy.hedge_margin, 0.0)
             allowed = budget_guard_scan(
                 want, lengths, np.where(used, lengths, 0.0), policy.budget_seen,
-                policy.budget_spent, policy.budget, drop_seen, drop_spent, margin,
+                policy.budget_spent, policy.budget, drop_seen, drop_spent,
             )  # fmt: skip
             blocked = want & ~allowed
             if blocked.any():
@@ -417,6 +420,8 @@ class SweepSpec:
     window: int = 2000
     recompute_every: int = 100
     settings: SimSettings = field(default_factory=SimSettings)
+    # [R] device-energy price, USD/J; None: the regime's default (profiles.regime_lambda).
+    lambda_usd_per_j: float | None = None
 
 
 def sweep(
@@ -431,6 +436,8 @@ def sweep(
     (policy, budget) is planned once and evaluated with and without the migration rule; policies
     that take no budget are planned once for all budgets.
     """
+    lam = regime_lambda(spec.regime) if spec.lambda_usd_per_j is None else spec.lambda_usd_per_j
+    world = world.priced(lam)
     rows: list[dict] = []
     total = len(spec.policies) * len(spec.budgets)
     done = 0

@@ -36,6 +36,11 @@ def default_trace_path() -> Path:
     return Path(__file__).resolve().parent / "data" / "azure_llm_2023_conv.csv"
 
 
+def code_trace_path() -> Path:
+    """The Azure coding-service trace shipped with the package (CC-BY 4.0, see data/TRACES.md)."""
+    return Path(__file__).resolve().parent / "data" / "azure_llm_2023_code.csv"
+
+
 def load_trace(path: str | Path, limit: int | None = None) -> list[TraceRecord]:
     """Read a trace file; the format is recognised from its first line, not its name."""
     p = Path(path)

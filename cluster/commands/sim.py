@@ -61,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="spread a --server-preset sweep's cells over a Ray cluster (local Ray "
                    "without ADDRESS)")  # fmt: skip
     p.add_argument("--device-profile", default="xiaomi14-qwen0.5b", help="named profile or JSON file")
+    p.add_argument("--lambda", dest="lambda_usd_per_j", type=float, metavar="USD_PER_J",
+                   help="device-energy price in USD per joule (default: the regime's, 5e-5 "
+                   "device-constrained, 1e-6 server-constrained; see scheduler/profiles.py)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed (server TTFT draws, random policy)")
     p.add_argument("--window", type=int, default=2000, help="sliding window of online estimates")
     p.add_argument("--recompute-every", type=int, default=100, help="recompute policies every N")
@@ -86,7 +89,7 @@ def parse_budgets(text: str) -> tuple[float, ...]:
 def run(args: argparse.Namespace) -> int:
     from disco.cluster.provenance import provenance
     from disco.scheduler.policies import POLICIES
-    from disco.scheduler.profiles import load_profile
+    from disco.scheduler.profiles import load_profile, regime_lambda, with_lambda
     from disco.scheduler.report import format_table, plot_rows, write_rows
     from disco.scheduler.simulator import SweepSpec, World, sweep
     from disco.scheduler.traces import TraceFormatError, default_trace_path, load_trace
@@ -111,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     if args.ray is not None and not args.server_preset:
         raise CliError("--ray spreads a --server-preset sweep; the load-free sweep runs in seconds")
     _check_device_queue(args)
+    if args.lambda_usd_per_j is not None and not args.lambda_usd_per_j >= 0:
+        raise CliError(f"--lambda must be >= 0 USD/J, got {args.lambda_usd_per_j:g}")
     try:
         server = load_profile(args.server_profile, "server")
         device = load_profile(args.device_profile, "device")
@@ -128,9 +133,12 @@ def run(args: argparse.Namespace) -> int:
 
     regime = Regime(args.regime)
     mig = {"on": (True,), "off": (False,), "both": (False, True)}[args.migration]
+    lam = regime_lambda(regime) if args.lambda_usd_per_j is None else args.lambda_usd_per_j
+    device = with_lambda(device, lam)
     if preset is not None:
         return _run_causal(args, records, trace, preset, device, regime, budgets, policies, mig)
-    spec = SweepSpec(regime, budgets, policies, mig, args.seed, args.window, args.recompute_every)
+    spec = SweepSpec(regime, budgets, policies, mig, args.seed, args.window, args.recompute_every,
+                     lambda_usd_per_j=lam)  # fmt: skip
     t_start = time.perf_counter()
 
     def progress(done: int, total: int, what: str) -> None:
@@ -146,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "trace": trace.name, "requests": len(records), "regime": regime.value,
         "server_profile": server.name, "device_profile": device.name, "seed": args.seed,
-        "window": args.window, "recompute_every": args.recompute_every, **provenance(args),
+        "window": args.window, "recompute_every": args.recompute_every,
+        "lambda_usd_per_j": lam, **provenance(args),
     }  # fmt: skip
     write_rows(out, rows, meta)
     if not args.no_plots:
@@ -236,6 +245,7 @@ def _run_causal(args, records, trace, preset, device, regime, budgets, policies,
         "server_preset": preset.name, "replicas": args.replicas, "rtt_ms": args.rtt_ms,
         "device_profile": device.name, "seed": args.seed, "window": args.window,
         "recompute_every": args.recompute_every, "model": "causal, continuous batching",
+        "lambda_usd_per_j": device.lambda_usd_per_j,
         **provenance(args),
     }  # fmt: skip
     keys = CAUSAL_ROW_KEYS

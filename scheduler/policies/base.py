@@ -40,13 +40,10 @@ class PolicyConfig:
     length_candidate: bool = True
     candidate_tol: float = 0.03
     # [R] DiSCo-D weighs the mean too: its tail-first table gives way to the mean-optimal one
-    # (stage 2 alone) where the window estimates a mean lower by more than mean_gain_min and a
-    # tail no higher than the plain length split's (disco.py). False: the tail-first table always.
+    # (stage 2 alone) where the window estimates a mean lower by more than mean_gain_min (relative)
+    # and a tail no higher (disco.py). False: the tail-first table always (before issue 14).
     mean_tail_select: bool = True
-    mean_gain_min: float = 0.01
-    # [R] A DiSCo hedge (a delayed constrained start) must leave this share of the budget guard's
-    # slack free, so that a window near its cap refuses optional hedges before immediate races.
-    hedge_guard_margin: float = 0.0
+    mean_gain_min: float = 0.02
     # [R] DiSCo plans each period to end at most guard_headroom x the guard's slack over b
     # (1.0: no such cap, only the feedback).
     guard_headroom: float = 0.3

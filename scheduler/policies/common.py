@@ -219,19 +219,13 @@ class WindowPolicy:
         """Whether the budget guard applies (policies that take a budget)."""
         return self.uses_budget
 
-    # [R] A hedge (a delayed constrained start) must leave this much of the guard's slack free
-    # (0: none; DiSCo sets PolicyConfig.hedge_guard_margin), so that when the window nears the
-    # cap the optional hedges are refused before the immediate starts are.
-    hedge_margin = 0.0
-
-    def guard_allows(self, prompt_tokens: float, hedge: bool = False) -> bool:
+    def guard_allows(self, prompt_tokens: float) -> bool:
         """Budget guard for one request (see module doc); the batch path runs the same rule."""
         if not self.guarded or self.budget >= 1.0:
             return True
         seen = self.budget_seen + self.inflight_seen + prompt_tokens
         spent = self.budget_spent + self.inflight_spent + prompt_tokens
-        slack = GUARD_SLACK - (self.hedge_margin if hedge else 0.0)
-        return spent <= (self.budget + slack) * seen
+        return spent <= (self.budget + GUARD_SLACK) * seen
 
     def hedge_fire_share(self, start_s: float) -> float:
         """[R] Probability that a hedge of the constrained endpoint at ``start_s`` fires (the
@@ -251,8 +245,9 @@ class WindowPolicy:
     def plan(self, request: Request, now: float) -> Plan:
         del now  # decisions depend on the request and the learned state, not on the clock
         ss, ds = self._decide_one(request)
-        c0 = float(self.constrained_start(ss, ds)[0])
-        if not math.isnan(c0) and not self.guard_allows(request.prompt_tokens, hedge=c0 > 0.0):
+        if not np.isnan(self.constrained_start(ss, ds)[0]) and not self.guard_allows(
+            request.prompt_tokens
+        ):
             ss, ds = self.unconstrained_only(1)
         s, d = float(ss[0]), float(ds[0])
         c = self.constrained_start(ss, ds)[0]
@@ -358,23 +353,21 @@ def budget_guard_scan(
     budget: float,
     drop_seen: np.ndarray | None = None,
     drop_spent: np.ndarray | None = None,
-    margin: np.ndarray | None = None,
 ) -> np.ndarray:
     """Batch twin of ``WindowPolicy.guard_allows`` over a chunk, observations applied in order.
 
     ``spend_if_used``: what request i spends on the constrained endpoint if allowed (known to the
     simulator from its world). ``seen0``/``spent0``: the budget window's totals before the chunk;
     ``drop_seen``/``drop_spent``: what leaves the window as each of the chunk's observations
-    enters it (``Window.departing``); ``margin``: per request, the part of the guard's slack it
-    must leave free (``WindowPolicy.hedge_margin`` for hedges). Returns the allowed mask.
-    Vectorised when the guard never binds.
+    enters it (``Window.departing``). Returns the allowed mask. Vectorised when the guard never
+    binds.
     """
     if budget >= 1.0:
         return want.copy()
     k = lengths.size
     ds = np.zeros(k) if drop_seen is None else np.asarray(drop_seen, dtype=float)
     dp = np.zeros(k) if drop_spent is None else np.asarray(drop_spent, dtype=float)
-    cap_rate = budget + GUARD_SLACK - (np.zeros(k) if margin is None else np.asarray(margin, float))
+    cap_rate = budget + GUARD_SLACK
     spend = np.where(want, spend_if_used, 0.0)
     seen_before = seen0 + np.concatenate(([0.0], np.cumsum(lengths - ds)[:-1]))
     spent_before = spent0 + np.concatenate(([0.0], np.cumsum(spend - dp)[:-1]))
@@ -385,7 +378,7 @@ def budget_guard_scan(
     seen, spent = seen0, spent0
     for i in range(k):  # rare: the guard binds somewhere in this chunk
         li = float(lengths[i])
-        if allowed[i] and spent + li > float(cap_rate[i]) * (seen + li):
+        if allowed[i] and spent + li > cap_rate * (seen + li):
             allowed[i] = False
         if allowed[i]:
             spent += float(spend_if_used[i])

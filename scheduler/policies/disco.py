@@ -23,14 +23,12 @@ paper-notes.md [N] gives the shapes; the concrete algorithms here are OUR recons
   that safe level and later than under the length split. The two-stage table is kept only where
   the window's estimated tail quantile (S(x) x share of prompts whose device cap exceeds x) is
   lower than the dominating table's by more than candidate_tol, since it was fitted to the same
-  window and its estimate is optimistic. With mean_tail_select (the default, issue 14) the choice
-  weighs the mean too: the reference is the length split at b itself (plus stage 2 on what the
-  feedback budget leaves), and the two-stage, the length-dominating and the mean-optimal (stage 2
-  alone) tables replace it only where the window estimates a mean no higher and a tail lower by
-  more than candidate_tol (then the lowest mean/mean_ref + tail/tail_ref wins). Tail protection
-  first cost up to +95 % mean TTFT on a chat-shaped workload, where racing short prompts at once
-  is what the mean needs (bench/results/paper.md). Hedges also leave hedge_guard_margin of the
-  guard's slack free (common.py), so that a window near its cap refuses them before races.
+  window and its estimate is optimistic. With mean_tail_select (the default, issue 14) the mean
+  counts too: the mean-optimal table (stage 2 alone, no tail stage) replaces the kept one where the
+  window estimates its mean lower by more than mean_gain_min, its tail no higher than the kept
+  table's or the length split's, and its planned spend as high. Tail protection first cost up to
+  +95 % mean TTFT on a chat-shaped workload, where racing short prompts at once is what the mean
+  needs (bench/results/paper.md).
 - Budget feedback: every recompute, b_eff = b + deficit / (feedback_horizon periods' worth of
   prompt tokens), where deficit = b * seen - spent counted from the first recompute on (the
   requests before it had nothing to spend with), so the spent share converges to b; b_eff is also
@@ -67,7 +65,6 @@ class DiSCo(WindowPolicy):
         self.waits = np.array([np.inf])
         self.tail_target: float | None = None
         self.choice = ""  # DiSCo-D: which candidate table the last fit kept
-        self.hedge_margin = config.hedge_guard_margin
         self._origin: tuple[float, float] | None = None  # (seen, spent) at the first fit
         self._km: KaplanMeier | None = None  # server TTFT survival, from the last fit
 
@@ -330,14 +327,16 @@ class DiSCo(WindowPolicy):
         if self.config.mean_tail_select and thr > -np.inf:
             # [R] Mean and tail together (issue 14): both tables above put the tail first. The
             # mean-optimal table (stage 2 alone) replaces the kept one where the window estimates
-            # its mean lower by more than mean_gain_min and its tail quantile no higher than the
-            # plain length split's (the baseline the tail-first tables are built to beat).
+            # its mean lower by more than mean_gain_min, its tail quantile no higher than the
+            # kept table's or the plain length split's, and it plans to spend as much (within
+            # 1 %: the budget feedback must still be able to reach b).
             upper = np.append(edges, np.inf)  # bucket j holds l < upper[j]
             raced = upper <= np.nextafter(thr, np.inf) if np.isfinite(thr) else np.ones(nb, bool)
             m_kept = float(mean[rows, best].sum()) / n
             alt = optimise(np.full(nb, np.inf))
             m_alt = float(mean[rows, alt].sum()) / n
-            spends = cost[rows, alt].sum() >= getattr(self, "_sp", 0.99) * cost[rows, best].sum()
+            split_cost = float(option(np.where(raced, 0.0, np.inf))[0].sum())
+            spends = cost[rows, alt].sum() >= 0.99 * min(cost[rows, best].sum(), split_cost)
             if spends and m_alt < m_kept * (1.0 - self.config.mean_gain_min):
                 alt_table = choice_w[rows, alt]
                 q_ref = max(tail_estimate(table), tail_estimate(np.where(raced, 0.0, np.inf)))
