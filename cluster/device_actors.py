@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from dataclasses import replace
 from typing import Any
 
@@ -145,6 +146,11 @@ class FleetActor:
 
     def stats(self) -> dict[str, Any]:
         return self.fleet.stats()
+
+    async def probe(self) -> dict[str, Any]:
+        """This actor's process and event loop now (``disco bench soak``)."""
+        return {"pid": os.getpid(), "tasks": len(asyncio.all_tasks()),
+                "devices": len(self.fleet.agents)}  # fmt: skip
 
     def metrics_text(self) -> str:
         return self.fleet.metrics_text()
@@ -355,6 +361,10 @@ class DeviceAgentActor:
 
         return asdict(self.agent.metrics)
 
+    async def probe(self) -> dict[str, Any]:
+        """This actor's process and event loop now (``disco bench soak``)."""
+        return {"pid": os.getpid(), "tasks": len(asyncio.all_tasks())}
+
     async def stop(self) -> None:
         if self._server is not None:
             self._server.should_exit = True
@@ -365,13 +375,18 @@ class DeviceAgentActor:
 
 
 def start_agent(
-    cfg: TestbedConfig, server_url: str, scheduler: Any, server_handle: Any = None
+    cfg: TestbedConfig,
+    server_url: str,
+    scheduler: Any,
+    server_handle: Any = None,
+    *,
+    actor_class: type[DeviceAgentActor] = DeviceAgentActor,
 ) -> tuple[Any, str]:
     a = cfg.agent
     if a.server == "handle":
         require_handle("agent", server_handle)
     name = f"{actor_prefix(cfg.scheduler.actor_name)}agent.{a.device_id}.{_run_token()}"
-    cls = ray.remote(DeviceAgentActor).options(
+    cls = ray.remote(actor_class).options(
         **_placement(a.num_cpus, a.resources), max_concurrency=1000, name=name
     )
     handle = cls.remote(

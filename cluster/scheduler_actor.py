@@ -28,6 +28,7 @@ import ray
 
 from disco.cluster import wire
 from disco.cluster.config import SchedulerConfig, from_dict, to_dict
+from disco.cluster.metrics import scheduler_sampler
 from disco.cluster.resolve import check_live_policy, policy_from_config
 from disco.cluster.scheduler_state import Checkpointer, NullStore, SchedulerCore, make_store
 from disco.scheduler.types import Plan, Regime, Request, RequestOutcome
@@ -65,21 +66,35 @@ class SchedulerActor:
         )
         self.started_at = time.time()
         self.devices: dict[str, dict[str, Any]] = {}  # registry: id -> entry (``register``)
+        self.metrics = scheduler_sampler(self)  # Ray metrics, <= 1/s (cluster/metrics.py)
 
     async def ping(self) -> int:
         """The actor's process id (changes when Ray restarts it)."""
         return os.getpid()
 
+    async def probe(self) -> dict[str, Any]:
+        """This actor's process, event loop and state size now (``disco bench soak``):
+        ``state_bytes`` is a checkpoint's size, ``recent`` the outcomes kept for a replay."""
+        import asyncio
+
+        snapshot = self.core.snapshot(to_dict(self.cfg))
+        return {"pid": os.getpid(), "tasks": len(asyncio.all_tasks()),
+                "state_bytes": len(snapshot), "recent": len(self.core.recent),
+                "devices": len(self.devices)}  # fmt: skip
+
     async def plan(self, request: Request) -> Plan:
         return self.core.plan_many((request,), time.monotonic())[0]
 
     async def plan_many(self, requests: Sequence[Request]) -> list[Plan]:
-        return self.core.plan_many(requests, time.monotonic())
+        plans = self.core.plan_many(requests, time.monotonic())
+        self.metrics.touch()
+        return plans
 
     async def plan_wire(self, requests: Sequence[tuple]) -> list[tuple]:
         """``plan_many`` on plain tuples (see :mod:`disco.cluster.wire`): pickling dataclasses
         costs more than the decision itself, so the planner client uses this."""
         plans = self.core.plan_many([wire.request_from(r) for r in requests], time.monotonic())
+        self.metrics.touch()
         return [wire.plan_to(p) for p in plans]
 
     async def report(self, outcome: RequestOutcome) -> None:
@@ -88,6 +103,7 @@ class SchedulerActor:
     async def report_many(self, outcomes: Sequence[RequestOutcome]) -> None:
         self.core.observe_many(outcomes)
         self.checkpointer.touch()
+        self.metrics.touch()
 
     async def checkpoint(self) -> None:
         """Write the state now and wait until it is written (tests, shutdown)."""
@@ -137,6 +153,7 @@ class SchedulerActor:
         key = str(entry["id"])
         first = self.devices.get(key, {}).get("registered_at", now)
         self.devices[key] = dict(entry) | {"id": key, "registered_at": first, "seen_at": now}
+        self.metrics.touch()
 
     async def unregister(self, device_id: str) -> bool:
         return self.devices.pop(str(device_id), None) is not None

@@ -38,6 +38,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from disco.cluster.config import SERVER_API_KEY_ENV, ServerConfig, from_dict, to_dict
+from disco.cluster.metrics import replica_sampler
 from disco.cluster.resolve import build_engine
 from disco.cluster.stream_batching import coalesce, prepend
 from disco.scheduler.endpoint import EndpointFailedError, InvalidRequestError
@@ -99,6 +100,7 @@ class DiscoServer:
         self.replica_id = uuid.uuid4().hex[:8]
         self._ids = itertools.count()
         self._ongoing = 0  # engine streams open now (HTTP and handle callers)
+        self._metrics = replica_sampler(self)  # Ray metrics, <= 1/s (cluster/metrics.py)
 
     # ---- HTTP ---------------------------------------------------------------------------------
 
@@ -227,6 +229,27 @@ class DiscoServer:
             "state": state() if callable(state) else {},
         }
 
+    async def probe(self) -> dict[str, Any]:
+        """This replica's process and event loop now (``disco bench soak``); ``actor``: its
+        Serve replica actor's name (``disco bench chaos`` kills the busiest)."""
+        import asyncio
+        import os
+
+        try:
+            actor = serve.get_replica_context().replica_id.to_full_id_str()
+        except Exception:  # noqa: BLE001 - Serve's private naming moved: unknown
+            actor = None
+        return {"replica": self.replica_id, "pid": os.getpid(), "actor": actor,
+                "tasks": len(asyncio.all_tasks()), "ongoing": self._ongoing}  # fmt: skip
+
+    async def fault(self, kind: str, **kwargs: Any) -> dict[str, Any]:
+        """Fault injection (``disco bench chaos``): forwarded to an engine that takes faults
+        (``disco.cluster.faults.FaultyEndpoint``: ``fail``, ``stall``); how many streams it hit."""
+        inject = getattr(self.engine, "inject", None)
+        if inject is None:
+            raise ApiError(400, f"engine {self.cfg.engine!r} takes no injected faults")
+        return {"replica": self.replica_id, "affected": inject(kind, **kwargs)}
+
     # ---- internals ----------------------------------------------------------------------------
 
     def _parse(self, data: dict[str, Any], chat: bool = False) -> ApiRequest:
@@ -256,11 +279,13 @@ class DiscoServer:
 
     async def _counted(self, events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
         self._ongoing += 1
+        self._metrics.started()
         try:
             async for ev in events:
                 yield ev
         finally:
             self._ongoing -= 1
+            self._metrics.touch()
             await events.aclose()
 
     @staticmethod

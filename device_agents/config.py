@@ -144,6 +144,9 @@ class AgentConfig:
     # request that the plan gives to the device alone is refused (HTTP 429); None: no limit.
     device_slots: int | None = None
     max_device_queue: int | None = 16
+    # Once both endpoints failed, the one that failed first starts again (another replica, a
+    # restarted engine), up to this many times per request (CoordinatorConfig.retries).
+    retries: int = 2
     server: str = "handle"
     num_cpus: float = 1.0
     resources: dict[str, float] = field(default_factory=dict)
@@ -160,6 +163,8 @@ class AgentConfig:
             raise ValueError(f"device_slots must be >= 0, got {self.device_slots}")
         if self.max_device_queue is not None and self.max_device_queue < 0:
             raise ValueError(f"max_device_queue must be >= 0, got {self.max_device_queue}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
 
     def coordinator(self) -> Any:
         """The coordinator's config these fields ask for (a CoordinatorConfig)."""
@@ -172,6 +177,7 @@ class AgentConfig:
             first_token_timeout_s=s(self.first_token_timeout_ms),
             stall_timeout_s=s(self.stall_timeout_ms),
             device_slots=self.device_slots,
+            retries=self.retries,
         )
 
 

@@ -12,8 +12,9 @@ What it does, per request (DESIGN.md section 2, paper-notes.md "Token-level migr
   speculative tokens are dropped and the source is stopped; if the target fails first, the source's
   tokens are delivered instead. Either way every index reaches the user exactly once, in order.
 - Failover is the same hand-over: if the active endpoint fails, the other endpoint resumes from the
-  delivered prefix. An endpoint that failed once is not retried within the request; when both have
-  failed the stream ends with :class:`StreamFailedError` and the outcome carries the error.
+  delivered prefix. An endpoint that failed is retried only once both have failed, at most
+  ``retries`` times per request (after a back-off); then the stream ends with
+  :class:`StreamFailedError` and the outcome carries the error.
 
 - Silence is failure too: no first token within ``first_token_timeout_s`` or no next token within
   ``stall_timeout_s`` (a hung replica never raises) fails the stream over the same way.
@@ -78,10 +79,17 @@ class CoordinatorConfig:
     # whose wait does not count towards first_token_timeout_s. None: the engine's own
     # ``max_concurrency`` (llama.cpp: 1), or no queue if it has none. 0: never queue.
     device_slots: int | None = None
+    # Once both endpoints have failed, start the one that failed first again (a failure is
+    # often transient: another replica, an engine that restarted), up to ``retries`` times per
+    # request, after retry_backoff_s, doubling. 0: a request fails when each endpoint failed once.
+    retries: int = 0
+    retry_backoff_s: float = 0.2
 
     def __post_init__(self) -> None:
         if self.device_slots is not None and self.device_slots < 0:
             raise ValueError(f"device_slots must be >= 0, got {self.device_slots}")
+        if self.retries < 0 or self.retry_backoff_s < 0:
+            raise ValueError("retries and retry_backoff_s must be >= 0")
         for name in ("first_token_timeout_s", "stall_timeout_s"):
             v = getattr(self, name)
             if v is not None and v <= 0:

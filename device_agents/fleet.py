@@ -76,12 +76,13 @@ class EmulatedFleet:
             assert isinstance(prof, DeviceProfile)
             device = EmulatedEndpoint(prof, seed=cfg.seed + i, time_scale=cfg.time_scale)
             net = NetworkEndpoint(self.server, cfg.network, seed=cfg.seed + i)
-            coord = Coordinator(net, device, sp, prof, coordinator)
+            agent_cfg = AgentConfig(device_id=device_id, planner_timeout_ms=cfg.planner_timeout_ms)
+            # None: an agent's defaults (its stall limits, its retries).
+            coord = Coordinator(net, device, sp, prof, coordinator or agent_cfg.coordinator())
             if planner_factory is not None:
                 p = planner_factory(device_id, prof)
             else:
                 p = planner or StaticPlanner()
-            agent_cfg = AgentConfig(device_id=device_id, planner_timeout_ms=cfg.planner_timeout_ms)
             self.agents[device_id] = DeviceAgent(coord, p, agent_cfg, results=self.results)
 
     # --- requests ---------------------------------------------------------------------------

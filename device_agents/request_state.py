@@ -19,6 +19,8 @@ Statuses (:class:`RequestStatus`) and the methods that move between them::
     any live     --last token / on_end of the active stream-------------> FINISHED
                    (during a migration the source's held tokens go out first)
     any live     --no endpoint left (fail)------------------------------> FAILED
+                   (unless ``retries`` are left: the endpoint that failed first starts again
+                   after a back-off, from the delivered boundary; FAILING_OVER after tokens)
     any but FAILED --the consumer stopped early (cancel)----------------> CANCELLED
 
 Before the first token a failed stream is replaced without leaving WAITING_FIRST_TOKEN: the hedge
@@ -147,9 +149,10 @@ class RequestState:
         self.times: list[float] = []
         self.sources: list[EndpointKind] = []
         self.out: list[TokenEvent] = []
-        self.dead: set[EndpointKind] = set()  # endpoints that failed once: not retried
+        self.dead: set[EndpointKind] = set()  # failed: not started again (but by _retry)
         self.failures: list[tuple[EndpointKind, BaseException]] = []
         self.failovers = 0
+        self.retries = 0  # endpoints started again after both had failed
         self.finish_reason: str | None = None
         self.fatal: StreamFailedError | None = None
 
@@ -159,12 +162,14 @@ class RequestState:
 
     # --- starting streams -----------------------------------------------------------------------
     def start_due(self) -> None:
-        """Start the planned streams whose time has come."""
+        """Start the planned streams (and retries) whose time has come."""
         now = self.clock()
         for kind, at in list(self.pending.items()):
             if at <= now:
                 del self.pending[kind]
-                self.start(kind, 0)
+                leg = self.start(kind, len(self.texts))  # a hedge: 0 (pending ends at a token)
+                if self.winner is not None:  # a retry after tokens: it takes over (FAILING_OVER)
+                    self.target = leg
 
     def start(self, kind: EndpointKind, index: int) -> Leg:
         """Start a stream on ``kind`` that continues after the first ``index`` delivered tokens."""
@@ -353,7 +358,8 @@ class RequestState:
             return
         other = leg.kind.other
         if other in self.dead or not self.c.config.failover:
-            self.fail("both endpoints failed" if other in self.dead else "endpoint failed")
+            if not self._retry(leg):
+                self.fail("both endpoints failed" if other in self.dead else "endpoint failed")
             return
         self.failovers += 1
         self.status = RequestStatus.FAILING_OVER
@@ -381,16 +387,35 @@ class RequestState:
             elif other not in self.dead and self.c.config.failover:
                 self.failovers += 1
                 self.start(other, 0)
-            else:
+            elif not self._retry(leg):
                 self.fail("every endpoint failed before the first token")
             return
         if leg is self.target:
             if self.active is not None and self.active.live:
                 self._keep_source()  # the migration failed: keep the source
-            else:
+            elif not self._retry(leg):
                 self.fail("both endpoints failed")
         elif leg is self.active:
             self.fail_over(leg)
+
+    def _retry(self, leg: Leg) -> bool:
+        """Both endpoints failed (``leg`` last): start the one that failed first again after a
+        back-off (``pending``; the other one when there is no such endpoint), if the request has
+        ``retries`` left. False: none left, nothing changed."""
+        cfg = self.c.config
+        if not cfg.failover or self.retries >= cfg.retries:
+            return False
+        kind = leg.kind.other if self.c.endpoints[leg.kind.other] is not None else leg.kind
+        if self.c.endpoints[kind] is None:
+            return False
+        self.retries += 1
+        self.failovers += 1
+        self.dead.discard(kind)
+        self.target = None
+        self.pending[kind] = self.clock() + cfg.retry_backoff_s * 2 ** (self.retries - 1)
+        if self.winner is not None:
+            self.status = RequestStatus.FAILING_OVER
+        return True
 
     def _plan_switch(self, winner: EndpointKind) -> PlannedSwitch | None:
         rule = self.plan.migration

@@ -207,15 +207,29 @@ def synthetic(
     duration: float | None = None,
     count: int | None = None,
     seed: int = 0,
+    ramp_s: float = 0.0,
 ) -> list[Arrival]:
     """Arrivals from ``process`` until ``duration`` seconds or ``count`` requests (whichever first).
 
     The first request arrives after one gap (not at 0), so the count in a window is unbiased.
+    ``ramp_s`` > 0: the rate rises linearly from 0 to the process's rate over the first
+    ``ramp_s`` seconds (inside ``duration``), then stays there (see :func:`ramp_up`).
     """
     if duration is None and count is None:
         raise ValueError("give a duration or a count")
     if duration is not None and duration <= 0:
         raise ValueError(f"duration must be > 0, got {duration}")
+    if ramp_s < 0:
+        raise ValueError(f"ramp must be >= 0, got {ramp_s}")
+    if ramp_s > 0:
+        if duration is not None and ramp_s >= duration:
+            raise ValueError(f"ramp {ramp_s:g} s must be shorter than the duration {duration:g} s")
+        # Draw at the full rate in the ramp's own time (u), then stretch u into real time.
+        op = None if duration is None else duration - ramp_s / 2
+        flat = synthetic(process, lengths, duration=op, count=count, seed=seed)
+        times = ramp_up(np.array([a.time for a in flat]), ramp_s)
+        return [Arrival(float(t), a.prompt_tokens, a.output_tokens)
+                for t, a in zip(times, flat, strict=True)]  # fmt: skip
     rng = np.random.default_rng(seed)
     # Draw enough gaps in one go: the expected count plus a generous margin for bursty processes.
     want = count if count is not None else None
@@ -234,6 +248,36 @@ def synthetic(
     return [
         Arrival(float(t), int(p), int(o)) for t, p, o in zip(times, prompt, output, strict=True)
     ]
+
+
+def poisson_given_count(
+    rate: float, lengths: LengthSource, duration: float, seed: int = 0
+) -> list[Arrival]:
+    """Poisson arrivals conditioned on their count: exactly ``round(rate * duration)`` requests,
+    their times uniform over ``[0, duration)`` and sorted (a Poisson process given its count in
+    a window). Bursts as Poisson does, without the count's own noise, so the points of a rate
+    sweep offer exactly their rates."""
+    if rate <= 0 or duration <= 0:
+        raise ValueError(f"rate and duration must be > 0, got {rate}, {duration}")
+    rng = np.random.default_rng(seed)
+    n = max(1, round(rate * duration))
+    times = np.sort(rng.uniform(0.0, duration, size=n))
+    prompt, output = lengths.sample(rng, n)
+    return [
+        Arrival(float(t), int(p), int(o)) for t, p, o in zip(times, prompt, output, strict=True)
+    ]
+
+
+def ramp_up(u: np.ndarray, ramp_s: float) -> np.ndarray:
+    """Arrival times ``u`` of a process at a constant rate r, moved so that the rate rises
+    linearly from 0 to r over ``[0, ramp_s)`` and stays r after: the time change whose
+    cumulative rate r t^2 / (2 ramp_s) (then r (t - ramp_s / 2)) equals r u. Poisson arrivals
+    stay Poisson (of the ramped rate); the count by ``ramp_s`` is r ramp_s / 2 on average."""
+    u = np.asarray(u, dtype=float)
+    if ramp_s <= 0:
+        return u
+    half = ramp_s / 2
+    return np.where(u < half, np.sqrt(2 * ramp_s * np.maximum(u, 0.0)), u + half)
 
 
 def mean_rate(arrivals: Sequence[Arrival], duration: float | None = None) -> float:

@@ -4,14 +4,20 @@ Loaded by ``locust -f`` in its own process (``disco.loadgen.runner`` starts it):
 monkey-patches the process with gevent, which must never meet Ray or asyncio code.
 
 Every user shares one :class:`~disco.loadgen.pacer.Pacer`: a user claims the next request, sleeps
-until it is due, sends it to its device, and streams the answer. TTFT is taken inside the streaming
-loop at the first non-empty token (Locust's own timing of ``stream=True`` stops at the headers),
-every token gets its own arrival time, and the results go to Locust's statistics as custom entries
-(``TTFT``, ``TBT``, ``completion``: the web UI and ``--csv`` show them) and, raw, to a JSONL file.
+until it is due, sends it to its device, and streams the answer (open loop, ``StreamingUser``).
+In closed loop (``ClosedLoopUser``, ``disco load --concurrency N``: N users) the shared pacer is a
+:class:`~disco.loadgen.pacer.ClosedLoop`: a request is due as soon as a user claims it, so each
+user sends its next request when its previous one has ended, in the schedule's order.
+
+TTFT is taken inside the streaming loop at the first non-empty token (Locust's own timing of
+``stream=True`` stops at the headers), every token gets its own arrival time, and the results go
+to Locust's statistics as custom entries (``TTFT``, ``TBT``, ``completion``: the web UI and
+``--csv`` show them) and, raw, to a JSONL file.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -24,7 +30,7 @@ from locust import FastHttpUser, constant, events, task
 from locust.env import Environment
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
-from disco.loadgen.pacer import Pacer
+from disco.loadgen.pacer import ClosedLoop, Pacer
 from disco.loadgen.records import RecordWriter, RequestRecord
 from disco.loadgen.schedule import ScheduledRequest, read_schedule
 from disco.loadgen.spec import SPEC_ENV, LoadSpec
@@ -40,7 +46,7 @@ class ReplayRun:
 
     spec: LoadSpec
     requests: list[ScheduledRequest]
-    pacer: Pacer
+    pacer: Pacer | ClosedLoop
     writer: RecordWriter
     t0_epoch: float = 0.0
     inflight: int = 0
@@ -56,9 +62,13 @@ class ReplayRun:
             raise RuntimeError(f"{SPEC_ENV} is not set: run this locustfile through `disco load`")
         spec = LoadSpec.read(path)
         reqs = read_schedule(spec.schedule)
-        pacer = Pacer(
-            [r.due for r in reqs], late_s=spec.late_s, warn=log.warning, spin_s=spec.spin_s
-        )
+        pacer: Pacer | ClosedLoop
+        if spec.mode == "closed":
+            pacer = ClosedLoop(len(reqs), spec.duration_s)
+        else:
+            pacer = Pacer(
+                [r.due for r in reqs], late_s=spec.late_s, warn=log.warning, spin_s=spec.spin_s
+            )
         return cls(spec, reqs, pacer, RecordWriter(spec.records))
 
     def progress(self) -> dict:
@@ -168,14 +178,27 @@ class StreamError(Exception):
     pass
 
 
+_USER_IDS = itertools.count()
+
+
 class StreamingUser(FastHttpUser):
-    """One simulated user; requests carry absolute URLs (each goes to its own device)."""
+    """One simulated user of an open-loop run: it claims the next slot of the shared schedule,
+    sleeps until it is due and sends it; requests carry absolute URLs (each goes to its own
+    device)."""
 
     host = "http://127.0.0.1"  # required by Locust; every request names its target in full
     wait_time = constant(0)  # the pacer decides when to send
     network_timeout = 120.0  # replaced by the spec's request timeout at init
     connection_timeout = 10.0
     max_retries = 0  # a retry would hide a failure and shift the schedule
+    mode = "open"  # the spec's mode this class serves
+
+    def on_start(self) -> None:
+        run: ReplayRun = self.environment.disco_run  # type: ignore[attr-defined]
+        if run.spec.mode != self.mode:
+            raise RuntimeError(f"{type(self).__name__} runs {self.mode} loop, the spec says "
+                               f"{run.spec.mode}")  # fmt: skip
+        self.index = next(_USER_IDS)
 
     @task
     def replay(self) -> None:
@@ -193,8 +216,9 @@ class StreamingUser(FastHttpUser):
         sent_at = time.monotonic()
         run.pacer.sent(slot, sent_at, claimed_at)
         rec = RequestRecord(
-            id=req.id, target=req.target, due=req.due, sent=sent_at - run.pacer.t0,
+            id=req.id, target=req.target, due=slot.due, sent=sent_at - run.pacer.t0,
             prompt_tokens=req.prompt_tokens, max_tokens=req.max_tokens, session=req.session,
+            user=getattr(self, "index", None),
         )  # fmt: skip
         run.inflight += 1
         run.open_records[req.id] = rec
@@ -265,8 +289,19 @@ class StreamingUser(FastHttpUser):
             raise StreamError("the stream ended without a token")
 
     def _maybe_finish(self, run: ReplayRun) -> None:
-        if run.done >= len(run.requests) and not run.quitting:  # every request answered
+        # Every request handed out was answered, and no more will be (the schedule is used up,
+        # or a closed loop's duration has passed).
+        if run.pacer.exhausted and run.done >= run.pacer.stats().claimed and not run.quitting:
             run.quitting = True
             runner = self.environment.runner
             if runner is not None:
                 gevent.spawn(runner.quit)  # not from this greenlet: quit() kills the users
+
+
+class ClosedLoopUser(StreamingUser):
+    """One user of a closed-loop run (``disco load --concurrency N`` starts N): the shared pacer
+    is a :class:`~disco.loadgen.pacer.ClosedLoop`, so the inherited task claims the next request
+    of the schedule as soon as this user's previous one has ended and sends it at once; the run
+    ends after its duration or its last request, whichever comes first."""
+
+    mode = "closed"

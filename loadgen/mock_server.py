@@ -17,6 +17,7 @@ config's made-up rates (a test double: real agents price with their profiles).
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ class MockServer:
     config: MockConfig = field(default_factory=MockConfig)
     arrivals: dict[str, float] = field(default_factory=dict)  # request id -> time.monotonic()
     counters: MockCounters = field(default_factory=MockCounters)
+    inflight: int = 0  # completions being answered now
+    max_inflight: int = 0  # the most answered at once (a closed loop's bound, seen here)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _server: ThreadingHTTPServer | None = field(default=None, init=False, repr=False)
 
@@ -122,6 +125,13 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive and chunked streaming
     server_owner: MockServer
 
+    def setup(self) -> None:
+        super().setup()
+        # Each SSE chunk is its own small write: without TCP_NODELAY, Nagle's algorithm holds
+        # one back until the client's delayed ACK (~40 ms) on a kept-alive connection that
+        # carries one request after another (closed-loop users).
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
         pass  # quiet: tests and the benchmark print their own summaries
 
@@ -147,6 +157,17 @@ class _Handler(BaseHTTPRequestHandler):
         owner.arrivals[rid] = arrived
         # Read the whole body even to refuse it: the connection is kept alive for the next one.
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with owner._lock:
+            owner.inflight += 1
+            owner.max_inflight = max(owner.max_inflight, owner.inflight)
+        try:
+            self._complete(rid, raw)
+        finally:
+            with owner._lock:
+                owner.inflight -= 1
+
+    def _complete(self, rid: str, raw: bytes) -> None:
+        owner = self.server_owner
         try:
             if self.path != "/v1/completions":
                 raise wire.ApiError(404, f"no route {self.path}: expected /v1/completions")

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .phases import measured
 from .records import RequestRecord, read_records
 from .report import _plt, format_cell, summarize_records, write_json
 
@@ -30,6 +31,8 @@ ROWS: dict[str, str] = {
     "tbt_p50_s": "TBT P50 (ms)",
     "tbt_p99_s": "TBT P99 (ms)",
     "qoe_mean": "QoE mean",
+    "slo_attainment": "SLO met (share of requests)",
+    "goodput_per_s": "goodput (requests/s within the SLO)",
     "first_from_server": "first token from server (requests)",
     "first_from_device": "first token from device (requests)",
     "tokens_server": "tokens from server",
@@ -67,9 +70,9 @@ def load_run(path: str | Path) -> Run:
         raise RunDirError(f"{summary_path}: unreadable ({e})") from None
     if not isinstance(summary, dict):
         raise RunDirError(f"{summary_path}: not a JSON object")
-    records = read_records(records_path)
+    records = measured(read_records(records_path))  # warm-up and cool-down stay out
     # Latency and stream figures recomputed from the records; the rest (label, the agents'
-    # counters, notes) as the run wrote it.
+    # counters, SLO, notes) as the run wrote it.
     merged = {**summary, **summarize_records(records)}
     return Run(str(summary.get("label") or d.name), d, merged, records)
 

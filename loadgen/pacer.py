@@ -132,3 +132,72 @@ class Pacer:
                 len(self.offsets), self._next, self._sent, self._late, self._max_lag,
                 self._late_no_user,
             )  # fmt: skip
+
+
+@dataclass
+class ClosedLoop:
+    """Closed-loop pacing: the same interface as :class:`Pacer`, but a slot is due as soon as
+    a user claims it. Each user claims the next request when its previous one has ended, so at
+    most as many requests are in flight as there are users, and they go out in the schedule's
+    order. No slot is handed out before :meth:`start`'s time zero (users spawned early wait for
+    it), after ``duration_s`` seconds, or past the last request.
+    """
+
+    total: int
+    duration_s: float | None = None  # stop handing out slots this long after time zero
+    clock: Callable[[], float] = time.monotonic
+    _t0: float | None = field(default=None, init=False)
+    _next: int = field(default=0, init=False)
+    _sent: int = field(default=0, init=False)
+    _max_lag: float = field(default=0.0, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def start(self, t0: float | None = None) -> float:
+        with self._lock:
+            if self._t0 is None:
+                self._t0 = self.clock() if t0 is None else t0
+            return self._t0
+
+    @property
+    def started(self) -> bool:
+        return self._t0 is not None
+
+    @property
+    def t0(self) -> float:
+        if self._t0 is None:
+            raise RuntimeError("closed loop not started")
+        return self._t0
+
+    def claim(self) -> Slot | None:
+        """The next request, due now (or at time zero), or None when the run is over."""
+        now = self.clock()
+        with self._lock:
+            if self._next >= self.total or self._past_deadline(now):
+                return None
+            slot = Slot(self._next, max(0.0, now - self.t0))
+            self._next += 1
+            return slot
+
+    def _past_deadline(self, now: float) -> bool:
+        return self.duration_s is not None and now - self.t0 >= self.duration_s
+
+    def wait(self, slot: Slot, sleep: Callable[[float], None]) -> float:
+        due_abs = self.t0 + slot.due
+        while (left := due_abs - self.clock()) > 0:
+            sleep(left)
+        return self.clock()
+
+    def sent(self, slot: Slot, at: float, claimed_at: float | None = None) -> float:
+        lag = at - (self.t0 + slot.due)
+        with self._lock:
+            self._sent += 1
+            self._max_lag = max(self._max_lag, lag)
+        return lag
+
+    @property
+    def exhausted(self) -> bool:
+        return self._next >= self.total or (self.started and self._past_deadline(self.clock()))
+
+    def stats(self) -> PacerStats:
+        with self._lock:
+            return PacerStats(self.total, self._next, self._sent, 0, self._max_lag)

@@ -32,6 +32,14 @@ class RequestRecord:
     token_sources: list[str | None] = field(default_factory=list)
     # the server's ``disco`` extension, last value of each key
     extra: dict[str, Any] = field(default_factory=dict)
+    # The Locust user that sent it (closed loop: each user's requests follow one another).
+    user: int | None = None
+    # Set after the run (disco.loadgen.phases, disco.loadgen.slo): "warmup", "measured" or
+    # "cooldown" by its scheduled send time (only "measured" ones enter the summary and the
+    # figures); whether it met every part of the run's SLO (None: no SLO) and which it missed.
+    phase: str | None = None
+    slo_ok: bool | None = None
+    slo_missed: list[str] = field(default_factory=list)
 
     @property
     def lag(self) -> float:
@@ -114,3 +122,14 @@ def read_records(path: str | Path) -> list[RequestRecord]:
         except (json.JSONDecodeError, TypeError):
             continue
     return out
+
+
+def write_records(path: str | Path, records: list[RequestRecord]) -> None:
+    """Rewrite ``path`` with ``records`` (after the run marks their phase and SLO): a new file
+    moved into place, so a reader never sees half of it."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(r.to_json() + "\n")
+    tmp.replace(p)

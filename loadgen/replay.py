@@ -6,16 +6,18 @@ The library entry point behind ``disco load`` and ``disco demo`` (which calls it
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from . import counters as agent_counters
+from . import phases as run_phases
+from . import slo as run_slo
 from .arrivals import Arrival
 from .prompts import Corpus, PromptBuilder, TokenCounter, default_counter
-from .records import RequestRecord, read_records
+from .records import RequestRecord, read_records, write_records
 from .report import device_side, error_kinds, summarize_records, write_json, write_plots
 from .runner import RunResult, format_progress, run_locust
 from .schedule import ScheduledRequest, build_schedule, write_schedule
@@ -42,6 +44,15 @@ class ReplayOptions:
     counters: bool = True  # read the targets' /metrics before and after (see counters.py)
     nice: int = 0  # < 0: raise Locust's CPU priority (see run_locust)
     spin_s: float = 0.001  # see Pacer.spin_s (1 ms: sub-ms send error for ~5% of a core at 50/s)
+    # Closed loop: ``concurrency`` users, each sending its next request when its previous one
+    # ends (the schedule's send times are ignored), for at most ``run_s`` seconds.
+    concurrency: int | None = None
+    # The run's send window [0, run_s) in seconds (open loop: the schedule's window; closed
+    # loop: its duration); None: up to the last scheduled send (see disco.loadgen.phases).
+    run_s: float | None = None
+    phases: run_phases.Phases = run_phases.Phases()  # warm-up, cool-down, ramp: excluded
+    slo: run_slo.SLO | None = None  # per-request SLO: attainment and goodput
+    meta: Mapping[str, Any] | None = None  # more keys for summary.json (provenance, the point)
 
 
 @dataclass(frozen=True)
@@ -105,10 +116,12 @@ def replay(
     records_path = out / "requests.jsonl"
     records_path.unlink(missing_ok=True)  # a re-run into the same folder starts clean
     write_schedule(out / "schedule.jsonl", reqs)
+    closed = opts.concurrency is not None
     spec = LoadSpec(
         schedule=str(out / "schedule.jsonl"), records=str(records_path),
         progress=str(out / "progress.json"), model=opts.model,
         request_timeout_s=opts.request_timeout_s, spin_s=opts.spin_s,
+        mode="closed" if closed else "open", duration_s=opts.run_s if closed else None,
     )  # fmt: skip
     last: list[str] = [""]
 
@@ -120,20 +133,47 @@ def replay(
 
     targets = list(dict.fromkeys(r.target for r in reqs))
     before = agent_counters.read_all(targets) if opts.counters else None
-    run = run_locust(
-        spec, out, reqs, users=opts.users, on_progress=show, html=opts.html, nice=opts.nice
-    )
+    users = opts.concurrency if closed else opts.users
+    run = run_locust(spec, out, reqs, users=users, on_progress=show, html=opts.html,
+                     nice=opts.nice)  # fmt: skip
     records = read_records(records_path)
-    summary = {"label": opts.label, **summarize_records(records)}
+    # Phase and SLO flags on every record, kept in requests.jsonl; only the measured ones
+    # enter the summary and the figures.
+    window = run_phases.mark(records, opts.phases, opts.run_s)
+    run_slo.mark(records, opts.slo)
+    if records:
+        write_records(records_path, records)
+    counted = run_phases.measured(records)
+    summary = {"label": opts.label, **summarize_records(counted)}
+    summary.update(run_slo.attainment(counted, opts.slo, window["measured_window_s"]))
     summary.update(device_side(_counters(before, records, targets)))
     summary["scheduled"] = len(reqs)
+    summary["sent"] = len(records)
+    summary["mode"] = spec.mode
+    summary["concurrency"] = opts.concurrency
+    summary["offered_rate_per_s"] = None if closed else _offered(reqs, window)
+    summary.update(window)
     summary["interrupted"] = run.interrupted
-    summary["error_kinds"] = dict(error_kinds(records))
-    summary["notes"] = summary.pop("notes")  # last: the prose after the numbers
+    summary["error_kinds"] = dict(error_kinds(counted))
+    summary.update(opts.meta or {})
+    notes = summary.pop("notes")
+    notes["phases"] = run_phases.NOTE
+    if opts.slo is not None:
+        notes["slo"] = run_slo.NOTE
+    summary["notes"] = notes  # last: the prose after the numbers
     write_json(out / "summary.json", summary)
-    if opts.plots and records:
-        write_plots({opts.label: records}, out)
+    if opts.plots and counted:
+        write_plots({opts.label: counted}, out, slo=opts.slo)
     return ReplayResult(records, summary, run, out)
+
+
+def _offered(reqs: Sequence[ScheduledRequest], window: Mapping[str, Any]) -> float | None:
+    """Open loop: the requests the schedule sends in the measured window, per second."""
+    lo, hi, span = window["measured_from_s"], window["measured_to_s"], window["measured_window_s"]
+    if not span:
+        return None
+    cool = window["cooldown_s"] > 0
+    return sum(1 for r in reqs if r.due >= lo and (not cool or r.due < hi)) / span
 
 
 def _counters(

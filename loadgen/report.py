@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from disco.scheduler.metrics import percentile, qoe
 
 from .records import RequestRecord
+
+if TYPE_CHECKING:
+    from .slo import SLO
 
 # Every numeric key of a summary carries its unit: times in seconds (``_s``), money in US dollars
 # (``_usd``), energy in joules (``_j``), rates per second (``_per_s``); a key without one counts
@@ -27,7 +30,7 @@ from .records import RequestRecord
 UNITS_NOTE = (
     "times in seconds (_s), money in USD (_usd), energy in joules (_j), rates per second "
     "(_per_s); no suffix: a count of what the key names, or a fraction in [0, 1] (qoe_mean, "
-    "budget_used)"
+    "budget_used, slo_attainment)"
 )
 STREAM_NOTE = (
     "first_from_*, tokens_*, handovers, requests_with_handover: the successful requests' "
@@ -178,6 +181,14 @@ COLUMNS: dict[str, tuple[str, float, str]] = {
     "handovers": ("hand-overs", 1, "{:d}"),
     "failovers": ("failovers", 1, "{:d}"),
     "server_cost_usd": ("server $", 1, "{:.2e}"),
+    # SLO and sweeps (disco.loadgen.slo, disco.loadgen.sweep)
+    "slo_attainment": ("SLO met", 100, "{:.1f} %"),
+    "goodput_per_s": ("goodput/s", 1, "{:.2f}"),
+    "goodput": ("goodput/s", 1, "{:.2f}"),
+    "rate": ("rate/s", 1, "{:.3g}"),
+    "speedup": ("speedup", 1, "{:g}"),
+    "concurrency": ("users", 1, "{:d}"),
+    "offered_rate_per_s": ("offered/s", 1, "{:.2f}"),
 }
 
 
@@ -222,15 +233,31 @@ def _cdf(ax, values: np.ndarray, label: str) -> None:
         ax.plot(v, np.arange(1, v.size + 1) / v.size, label=f"{label} (n={v.size})")
 
 
-def plot_ttft_cdf(runs: Mapping[str, Sequence[RequestRecord]], path: str | Path) -> Path:
-    """TTFT CDF, one curve per run (policy)."""
+def plot_ttft_cdf(
+    runs: Mapping[str, Sequence[RequestRecord]], path: str | Path, slo: SLO | None = None
+) -> Path:
+    """TTFT CDF, one curve per run (policy); with an SLO that bounds TTFT, a vertical line at
+    the bound and each run's share of requests within it in the legend."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, recs in runs.items():
-        _cdf(ax, np.array([r.ttft * 1000 for r in recs if r.ok and r.ttft is not None]), label)
+        ttft = np.array([r.ttft * 1000 for r in recs if r.ok and r.ttft is not None])
+        if slo is not None and slo.ttft_s is not None and len(recs):
+            within = float(np.sum(ttft <= slo.ttft_s * 1000)) / len(recs)
+            label = f"{label}, {100 * within:.0f} % within"
+        _cdf(ax, ttft, label)
     ax.set(xlabel="TTFT (ms)", ylabel="fraction of requests", title="Time to first token")
     ax.set_xscale("log")
+    _slo_line(ax, slo, "ttft_s", "TTFT SLO")
     return _finish_cdf(plt, fig, ax, path)
+
+
+def _slo_line(ax, slo: SLO | None, part: str, what: str) -> None:
+    """A dashed vertical line at the SLO's bound ``part`` (seconds; the axis is in ms)."""
+    bound = None if slo is None else getattr(slo, part)
+    if bound is not None:
+        ax.axvline(bound * 1000, color="red", ls="--", lw=1, gid=f"slo:{part}",
+                   label=f"{what} {bound * 1000:g} ms")  # fmt: skip
 
 
 def _finish_cdf(plt, fig, ax, path: str | Path) -> Path:
@@ -244,7 +271,11 @@ def _finish_cdf(plt, fig, ax, path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_tbt_cdf(runs: Mapping[str, Sequence[RequestRecord]], path: str | Path) -> Path:
+def plot_tbt_cdf(
+    runs: Mapping[str, Sequence[RequestRecord]], path: str | Path, slo: SLO | None = None
+) -> Path:
+    """CDF of every gap between tokens; with an SLO that bounds TBT (each request's largest
+    gap), a vertical line at the bound."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, recs in runs.items():
@@ -252,6 +283,7 @@ def plot_tbt_cdf(runs: Mapping[str, Sequence[RequestRecord]], path: str | Path) 
         _cdf(ax, np.concatenate(gaps) if gaps else np.zeros(0), label)
     ax.set(xlabel="time between tokens (ms)", ylabel="fraction of gaps", title="TBT")
     ax.set_xscale("symlog", linthresh=1.0)
+    _slo_line(ax, slo, "tbt_s", "SLO on each request's largest gap:")
     return _finish_cdf(plt, fig, ax, path)
 
 
@@ -269,7 +301,13 @@ def plot_load(records: Sequence[RequestRecord], path: str | Path, bin_s: float =
     ax1.set(ylabel="requests/s sent", title="Load and latency over time")
     ok = [r for r in records if r.ok and r.ttft is not None]
     bad = [r for r in records if not r.ok]
-    ax2.scatter([r.sent for r in ok], [r.ttft * 1000 for r in ok], s=6, label="TTFT")
+    missed = [r for r in ok if r.slo_ok is False]  # met its TTFT maybe, not every bound
+    ok = [r for r in ok if r.slo_ok is not False]
+    ax2.scatter([r.sent for r in ok], [r.ttft * 1000 for r in ok], s=6,
+                label="TTFT" + (" (met the SLO)" if missed else ""))  # fmt: skip
+    if missed:
+        ax2.scatter([r.sent for r in missed], [r.ttft * 1000 for r in missed], s=8,
+                    c="tab:orange", label="TTFT (missed the SLO)")  # fmt: skip
     if bad:
         ax2.scatter([r.sent for r in bad], [1.0] * len(bad), s=12, marker="x", c="red",
                     label="error")  # fmt: skip
@@ -396,11 +434,16 @@ def plot_request_timeline(
     return Path(path)
 
 
-def write_plots(runs: Mapping[str, Sequence[RequestRecord]], out_dir: str | Path) -> list[Path]:
-    """TTFT and TBT CDFs over all runs; per run, the per-request timeline and the load over time
-    (``timeline.png``/``load.png`` for one run, ``timeline_<label>.png``/``load_<label>.png``)."""
+def write_plots(
+    runs: Mapping[str, Sequence[RequestRecord]], out_dir: str | Path, slo: SLO | None = None
+) -> list[Path]:
+    """TTFT and TBT CDFs over all runs (the SLO's bounds marked); per run, the per-request
+    timeline and the load over time (``timeline.png``/``load.png`` for one run,
+    ``timeline_<label>.png``/``load_<label>.png``). Give the measured records only (warm-up and
+    cool-down are excluded from every figure: :func:`disco.loadgen.phases.measured`)."""
     out = Path(out_dir)
-    paths = [plot_ttft_cdf(runs, out / "ttft_cdf.png"), plot_tbt_cdf(runs, out / "tbt_cdf.png")]
+    paths = [plot_ttft_cdf(runs, out / "ttft_cdf.png", slo),
+             plot_tbt_cdf(runs, out / "tbt_cdf.png", slo)]  # fmt: skip
     for label, recs in runs.items():
         tail = ".png" if len(runs) == 1 else f"_{_slug(label)}.png"
         paths.append(plot_request_timeline(recs, out / f"timeline{tail}", label))

@@ -49,8 +49,9 @@ def default_users(reqs: Sequence[ScheduledRequest], window_s: float = 20.0) -> i
 
 
 def locust_command(
-    spec_path: Path, out_dir: Path, users: int, run_time_s: float, html: bool = True
-) -> list[str]:
+    spec_path: Path, out_dir: Path, users: int, run_time_s: float, html: bool = True,
+    user_class: str = "StreamingUser",
+) -> list[str]:  # fmt: skip
     cmd = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
         "-u", str(users), "-r", str(max(1, users)),  # all users within ~1 s
@@ -60,7 +61,7 @@ def locust_command(
     ]  # fmt: skip
     if html:
         cmd += ["--html", str(out_dir / "locust.html")]
-    return cmd
+    return [*cmd, user_class]  # the one user class of the locustfile this run uses
 
 
 def run_locust(
@@ -83,11 +84,21 @@ def run_locust(
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path = out_dir / "load_spec.json"
     spec.write(spec_path)
-    n_users = users or default_users(reqs)
-    last_due = reqs[-1].due if reqs else 0.0
-    # A hard bound: every request has had its full timeout after the last one was due.
-    run_time = spec.start_lead_s + 2 + last_due + spec.request_timeout_s + 5
-    cmd = locust_command(spec_path, out_dir, n_users, run_time, html=html)
+    if spec.mode == "closed":
+        if not users:
+            raise ValueError("a closed-loop run needs its number of users (the concurrency)")
+        n_users, user_class = users, "ClosedLoopUser"
+        # A hard bound: the duration (or, by count, every request at its full timeout, one
+        # user after another), then the last ones' timeout.
+        span = spec.duration_s if spec.duration_s is not None else (
+            math.ceil(len(reqs) / users) * spec.request_timeout_s)  # fmt: skip
+        run_time = spec.start_lead_s + 2 + span + spec.request_timeout_s + 5
+    else:
+        n_users, user_class = users or default_users(reqs), "StreamingUser"
+        last_due = reqs[-1].due if reqs else 0.0
+        # A hard bound: every request has had its full timeout after the last one was due.
+        run_time = spec.start_lead_s + 2 + last_due + spec.request_timeout_s + 5
+    cmd = locust_command(spec_path, out_dir, n_users, run_time, html=html, user_class=user_class)
     env = {**os.environ, SPEC_ENV: str(spec_path), "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
     with open(out_dir / "locust.out", "w", encoding="utf-8") as out:

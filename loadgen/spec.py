@@ -24,6 +24,10 @@ class LoadSpec:
     # ~1 s) has claimed its first slot before the first request falls due.
     start_lead_s: float = 1.0
     spin_s: float = 0.0  # see Pacer.spin_s
+    # "open": the schedule's send times (StreamingUser); "closed": each user sends its next
+    # request when its previous one ends (ClosedLoopUser), for at most duration_s seconds.
+    mode: str = "open"
+    duration_s: float | None = None
 
     def write(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1), encoding="utf-8")

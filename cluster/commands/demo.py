@@ -18,6 +18,12 @@
    batch over time per policy among them), and the causal simulator's prediction for the same
    schedule, preset, replicas and seed next to the measurement (DIR/sim_vs_live.md); shuts
    everything down.
+
+``--sweep`` (``run_sweep``) answers the capacity question instead: on the same testbed, for each
+offered rate and each policy (fresh device side each time, the same budget), one run into
+``DIR/<policy>/rate-<r>/`` with the SLO's attainment and goodput and the warm-up left out; then
+every policy's capacity curve on one figure (``DIR/sweep.png``: TTFT P99 and goodput against the
+offered load) and every row in ``DIR/sweep.json`` (``disco.loadgen.sweep``'s keys).
 """
 
 from __future__ import annotations
@@ -29,10 +35,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from disco.cluster.commands import report_hook
 from disco.cluster.errors import CliError
 
 DEFAULT_POLICIES = "disco,disco:nomig,server-only,device-only,race,random,length"
 QUICK_POLICIES = "disco,disco:nomig,device-only,random"
+SWEEP_POLICIES = "disco,server-only,length,random,race"
+QUICK_SWEEP_POLICIES = "disco,server-only,length"
 NO_MIGRATION = ":nomig"  # a policy run with migration off (same policy, same budget)
 
 
@@ -56,6 +65,23 @@ class DemoSize:
 # of 3.5/s; the quick run's 42 s at 3.6/s fills the replicas' KV caches without running away.
 QUICK = DemoSize(duration_s=42.0, rate=3.6, devices=12, max_tokens=128, max_prompt_tokens=1536)
 FULL = DemoSize(duration_s=200.0, rate=3.0, devices=24, max_tokens=256, max_prompt_tokens=1536)
+
+
+@dataclass(frozen=True, slots=True)
+class SweepSize:
+    """``disco demo --sweep``: the offered rates (requests/s, Poisson arrivals with the
+    trace's prompt and output lengths), the seconds of sending per point and the warm-up left
+    out of each. ``--quick`` stays under 10 minutes on 2 cores (measured:
+    bench/results/capacity.md)."""
+
+    rates: tuple[float, ...]
+    duration_s: float
+    warmup_s: float
+
+
+QUICK_SWEEP = SweepSize(rates=(1.0, 3.0, 5.0), duration_s=30.0, warmup_s=5.0)
+FULL_SWEEP = SweepSize(rates=(1.0, 2.0, 3.0, 4.0, 5.0), duration_s=60.0, warmup_s=10.0)
+SWEEP_SLO = "ttft=2s,tbt=1s"  # an interactive chat's patience, on this machine's devices
 DEMO_PRESET = "llama3-8b-a10g"  # see scheduler/presets.py for every number's source
 DEMO_REPLICAS = 2
 PAPER_DEVICES = ("xiaomi14-qwen0.5b", "pixel7pro-bloom1.1b")  # the fleet, cycled
@@ -97,7 +123,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"server replicas (default {DEMO_REPLICAS})")  # fmt: skip
     p.add_argument("--no-agent", action="store_true", help="no real llama.cpp device agent")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=run)
+    g = p.add_argument_group("capacity sweep (--sweep)")
+    g.add_argument("--sweep", action="store_true",
+                   help="the capacity curve of each policy at the same budget: one run per "
+                   "policy and offered rate (Poisson arrivals given their count, the trace's "
+                   "lengths), DIR/"
+                   "sweep.json and DIR/sweep.png (TTFT P99 and goodput vs offered load, every "
+                   f"policy); --quick: {QUICK_SWEEP_POLICIES} at {_csv(QUICK_SWEEP.rates)}/s, "
+                   f"{QUICK_SWEEP.duration_s:g} s each (< 10 min on 2 cores)")  # fmt: skip
+    g.add_argument("--rates", metavar="R,R,...",
+                   help=f"--sweep: requests/s (default {_csv(FULL_SWEEP.rates)}; --quick: "
+                   f"{_csv(QUICK_SWEEP.rates)}); --duration: seconds per point")  # fmt: skip
+    g.add_argument("--slo", metavar="ttft=..,tbt=..,tpot=..",
+                   help=f"per-request SLO for attainment and goodput (--sweep default: "
+                   f"{SWEEP_SLO})")  # fmt: skip
+    g.add_argument("--warmup", type=float, metavar="S",
+                   help="leave out requests due in each run's first S seconds (--sweep default: "
+                   f"{QUICK_SWEEP.warmup_s:g}, full {FULL_SWEEP.warmup_s:g})")  # fmt: skip
+    g.add_argument("--cooldown", type=float, default=0.0, metavar="S",
+                   help="leave out requests due in each run's last S seconds")  # fmt: skip
+    report_hook.attach(p, run)  # DIR/report.html (and each policy's) after the run
 
 
 # ---- plan ----------------------------------------------------------------------------------------
@@ -111,6 +156,48 @@ def _size(args: argparse.Namespace) -> DemoSize:
         rate=args.rate if args.rate is not None else s.rate,
         devices=args.devices if args.devices is not None else s.devices,
     )
+
+
+def _default_policies(args: argparse.Namespace) -> str:
+    if args.sweep:
+        return QUICK_SWEEP_POLICIES if args.quick else SWEEP_POLICIES
+    return QUICK_POLICIES if args.quick else DEFAULT_POLICIES
+
+
+def _measure_plan(args: argparse.Namespace, size: DemoSize):
+    """The sweep's size (None without --sweep), the SLO and the warm-up/cool-down, checked
+    before anything starts."""
+    from disco.loadgen.phases import Phases
+    from disco.loadgen.slo import SloError, parse_slo
+    from disco.loadgen.sweep import parse_points
+
+    if args.rates is not None and not args.sweep:
+        raise CliError("--rates sets the rates of --sweep: add --sweep")
+    sweep = None
+    if args.sweep:
+        base = QUICK_SWEEP if args.quick else FULL_SWEEP
+        rates = base.rates
+        if args.rates is not None:
+            try:
+                rates = tuple(p.value for p in parse_points("rate", args.rates))
+            except ValueError as e:
+                raise CliError(str(e)) from None
+        if args.rate is not None:
+            raise CliError("--sweep runs every rate of --rates: drop --rate")
+        sweep = SweepSize(
+            rates=rates,
+            duration_s=args.duration if args.duration is not None else base.duration_s,
+            warmup_s=args.warmup if args.warmup is not None else base.warmup_s,
+        )
+    try:
+        text = args.slo if args.slo is not None else (SWEEP_SLO if args.sweep else None)
+        slo = parse_slo(text) if text is not None else None
+        warmup = sweep.warmup_s if sweep is not None else (args.warmup or 0.0)
+        phases = Phases(warmup, args.cooldown)
+        phases.check(sweep.duration_s if sweep is not None else size.duration_s)
+    except (SloError, ValueError) as e:
+        raise CliError(str(e)) from None
+    return sweep, slo, phases
 
 
 def _policies(spec: str) -> list[str]:
@@ -243,8 +330,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     if not 0.0 <= args.budget <= 1.0:
         raise CliError(f"--budget must be in [0, 1], got {args.budget}")
-    policies = _policies(args.policies or (QUICK_POLICIES if args.quick else DEFAULT_POLICIES))
+    policies = _policies(args.policies or _default_policies(args))
     size = _size(args)
+    sweep, slo, phases = _measure_plan(args, size)
     if args.replicas < 1:
         raise CliError(f"--replicas must be >= 1, got {args.replicas}")
     try:
@@ -260,6 +348,8 @@ def run(args: argparse.Namespace) -> int:
     engine = _server_engine(args.server_engine)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if sweep is not None:
+        return run_sweep(args, policies, size, sweep, slo, phases, engine, preset, out, started)
 
     server_desc = (f"{args.replicas} x emulated {preset.name}" if engine == "emulated"
                    else f"{args.replicas} x {engine}")  # fmt: skip
@@ -275,7 +365,8 @@ def run(args: argparse.Namespace) -> int:
     n_targets = size.devices + (0 if args.no_agent else 1)
     opts = ReplayOptions(max_tokens=size.max_tokens, max_prompt_tokens=size.max_prompt_tokens,
                          prompt_scale=size.prompt_scale, seed=args.seed,
-                         request_timeout_s=60.0, nice=LOCUST_NICE)  # fmt: skip
+                         request_timeout_s=60.0, nice=LOCUST_NICE, run_s=size.duration_s,
+                         phases=phases, slo=slo)  # fmt: skip
     placeholders = [f"http://target-{i}" for i in range(n_targets)]
     say(f"trace slice: {len(arrivals)} requests over {size.duration_s:g} s of the Azure "
         f"conversation trace; building prompts from real text...")  # fmt: skip
@@ -292,14 +383,11 @@ def run(args: argparse.Namespace) -> int:
     return 130 if any(r.get("interrupted") for r in rows) else 0
 
 
-def _run_policies(cfg, policies, reqs, placeholders, opts, size, out):
+def _start_testbed(cfg, size):
+    """Local Ray, the server replicas and the scheduler (no devices yet), and the fleet config
+    each policy's run restarts: one fleet actor with an HTTP front for all emulated devices."""
     from disco.cluster.runtime import Testbed
-    from disco.loadgen.replay import replay
 
-    rows: list[dict[str, Any]] = []
-    runs: dict[str, list] = {}
-    seen: dict[str, Any] = {}
-    series: dict[str, dict[str, list]] = {}
     t = time.monotonic()
     say("starting the testbed (local Ray, Serve server replicas); ~20-40 s...")
     _start_ray(cfg)
@@ -309,8 +397,25 @@ def _run_policies(cfg, policies, reqs, placeholders, opts, size, out):
         _stop_ray()
         raise
     say(f"testbed up in {time.monotonic() - t:.0f} s: server {tb.server_url}")
-    # One fleet actor with an HTTP front (FleetHttpActor) for all the emulated devices.
-    fleet = replace(cfg.fleet, devices=size.devices, devices_per_actor=max(size.devices, 1))
+    return tb, replace(cfg.fleet, devices=size.devices, devices_per_actor=max(size.devices, 1))
+
+
+def _stop_testbed(tb) -> None:
+    tb.stop_device_side()  # a no-op unless a run raised
+    say("shutting the testbed down...")
+    tb.shutdown()
+    _stop_ray()
+
+
+def _run_policies(cfg, policies, reqs, placeholders, opts, size, out):
+    from disco.loadgen.phases import measured
+    from disco.loadgen.replay import replay
+
+    rows: list[dict[str, Any]] = []
+    runs: dict[str, list] = {}
+    seen: dict[str, Any] = {}
+    series: dict[str, dict[str, list]] = {}
+    tb, fleet = _start_testbed(cfg, size)
     try:
         for i, policy in enumerate(policies):
             t = time.monotonic()
@@ -333,7 +438,7 @@ def _run_policies(cfg, policies, reqs, placeholders, opts, size, out):
                 say(f"device-side counters unavailable: {e!r}")
                 dev = {}
             seen[policy] = dev
-            runs[policy] = res.records
+            runs[policy] = measured(res.records)  # warm-up and cool-down stay out of the plots
             states: dict[str, Any] = {}
             series[policy] = replica_samples(tb.server_handle, since=t_policy, states=states)
             dev["replicas"] = states
@@ -346,11 +451,112 @@ def _run_policies(cfg, policies, reqs, placeholders, opts, size, out):
                 say("interrupted: skipping the remaining policies")
                 break
     finally:
-        tb.stop_device_side()  # a no-op unless a policy's run raised
-        say("shutting the testbed down...")
-        tb.shutdown()
-        _stop_ray()
+        _stop_testbed(tb)
     return rows, runs, seen, series
+
+
+def run_sweep(args, policies, size, sweep, slo, phases, engine, preset, out, started) -> int:
+    """``disco demo --sweep``: for each offered rate (Poisson arrivals given their count, the
+    trace's lengths; the same schedule for every policy) and each policy, a fresh scheduler,
+    agent and fleet (budget and estimates from zero) and one run into
+    ``DIR/<policy>/rate-<r>/``; then every policy's capacity curve on one figure
+    (``DIR/sweep.png``) and their rows in ``DIR/sweep.json``."""
+    from disco.cluster.provenance import provenance
+    from disco.loadgen import arrivals as arr
+    from disco.loadgen.replay import ReplayOptions, prepare, replay
+    from disco.loadgen.sweep import Point, point_info, row, sweep_table, write_sweep
+    from disco.scheduler.traces import default_trace_path, load_trace
+
+    n_targets = size.devices + (0 if args.no_agent else 1)
+    placeholders = [f"http://target-{i}" for i in range(n_targets)]
+    opts = ReplayOptions(max_tokens=size.max_tokens, max_prompt_tokens=size.max_prompt_tokens,
+                         prompt_scale=size.prompt_scale, seed=args.seed, request_timeout_s=60.0,
+                         nice=LOCUST_NICE, run_s=sweep.duration_s, phases=phases, slo=slo)  # fmt: skip
+    server_desc = (f"{args.replicas} x emulated {preset.name}" if engine == "emulated"
+                   else f"{args.replicas} x {engine}")  # fmt: skip
+    say(f"capacity sweep: {len(policies)} policies ({', '.join(policies)}) x rates "
+        f"{_csv(sweep.rates)}/s, {sweep.duration_s:g} s each ({sweep.warmup_s:g} s warm-up left "
+        f"out), budget {args.budget:g} ({args.regime}-constrained), server {server_desc}, "
+        f"{'1 real llama.cpp device + ' if not args.no_agent else ''}{size.devices} emulated; "
+        f"SLO {slo}")  # fmt: skip
+    lengths = arr.TraceLengths.of(load_trace(default_trace_path()))
+    schedules = {}
+    for rate in sweep.rates:
+        got = arr.poisson_given_count(rate, lengths, sweep.duration_s, seed=args.seed)
+        schedules[Point("rate", rate)] = prepare(got, placeholders, opts)
+    each = ", ".join(f"{len(r)} requests at {p.value:g}/s" for p, r in schedules.items())
+    say(f"schedules: {each}")
+    cfg = testbed_config(size, policies[0], args.budget, args.regime, engine,
+                         not args.no_agent, args.seed, preset.name, args.replicas)  # fmt: skip
+    prov = provenance(args)
+    rows: list[dict[str, Any]] = []
+    infos: list[dict[str, Any]] = []
+    interrupted = False
+    n_runs, k = len(schedules) * len(policies), 0
+    tb, fleet = _start_testbed(cfg, size)
+    try:
+        for point, reqs in schedules.items():  # every policy at one rate, then the next rate
+            for policy in policies:
+                k += 1
+                t = time.monotonic()
+                name, mig = split_policy(policy)
+                tb.restart_device_side(replace(cfg.scheduler, policy=name, migration=mig),
+                                       fleet=fleet, agent=cfg.agent, fleet_http=True)  # fmt: skip
+                mapping = dict(zip(placeholders, tb.device_urls, strict=True))
+                mine = [replace(r, target=mapping[r.target]) for r in reqs]
+                say(f"[{k}/{n_runs}] {policy} at {point.value:g}/s: devices up in "
+                    f"{time.monotonic() - t:.0f} s; {len(mine)} requests...")  # fmt: skip
+                popts = replace(opts, label=f"{policy} {point.name}",
+                                meta={"policy": policy, "sweep_point": point.name, **prov})  # fmt: skip
+                folder = out / policy / point.name
+                res = replay(mine, folder, popts, say=lambda s: print("       " + s, flush=True))
+                try:
+                    dev = device_totals(tb)
+                except Exception as e:  # noqa: BLE001 - e.g. actors gone after a Ctrl-C
+                    say(f"device-side counters unavailable: {e!r}")
+                    dev = {}
+                rows.append(row(policy, point, res.summary, costs=dev))
+                info = point_info(policy, point, res.summary, folder)
+                info["device_side"] = {k: dev.get(k) for k in (
+                    "server_cost_usd", "device_energy_j", "migrations", "budget_used", "plans",
+                    "plans_after_fit", "plans_not_device_only", "failed")}  # fmt: skip
+                infos.append(info)
+                r = rows[-1]
+                say(f"[{k}/{n_runs}] {policy} at {point.value:g}/s: {r['requests']} measured, "
+                    f"{r['errors']} errors, TTFT P99 {_ms(r['ttft_p99'])}, SLO met "
+                    f"{_pct(r['slo_attainment'])}, goodput {_num(r['goodput'])}/s, budget used "
+                    f"{_num(r['budget_used'])} ({time.monotonic() - t:.0f} s)")  # fmt: skip
+                tb.stop_device_side()
+                if res.run.interrupted:
+                    interrupted = True
+                    break
+            if interrupted:
+                say("interrupted: skipping the remaining runs")
+                break
+    finally:
+        _stop_testbed(tb)
+    wall = time.monotonic() - started
+    config = {
+        "policies": policies, "rates": list(sweep.rates), "duration_s": sweep.duration_s,
+        "warmup_s": phases.warmup_s, "cooldown_s": phases.cooldown_s, "budget": args.budget,
+        "regime": args.regime, "quick": bool(args.quick), "server_engine": engine,
+        "server_preset": preset.name, "replicas": args.replicas, "devices": size.devices,
+        "max_tokens": size.max_tokens, "max_prompt_tokens": size.max_prompt_tokens,
+        "device_profiles": list(PAPER_DEVICES), "real_device_agent": not args.no_agent,
+        "arrivals": "poisson, given its count (rate x duration)",
+        "lengths": "azure_llm_2023_conv (shipped), resampled",
+        "wall_s": round(wall, 1), "interrupted": interrupted,
+    }  # fmt: skip
+    if rows:
+        date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        write_sweep(out, "rate", rows, infos, slo=slo.to_dict() if slo else None,
+                    meta={"config": config, "date": date, **prov},
+                    title=f"Capacity per policy at budget {args.budget:g} ({args.regime}-"
+                    f"constrained), {server_desc}; SLO {slo}")  # fmt: skip
+        print()
+        print(sweep_table(rows, "rate"))
+    say(f"done in {wall:.0f} s; results in {out}/ (sweep.json, sweep.png, sweep.md)")
+    return 130 if interrupted else 0
 
 
 def replica_samples(
@@ -431,7 +637,9 @@ def _report(rows, runs, reqs, policies, args, size, engine, out, devices_seen, p
     print()
     measured = {p: recs for p, recs in runs.items() if recs}
     if measured:
-        write_plots(measured, out)
+        from disco.loadgen.slo import parse_slo
+
+        write_plots(measured, out, slo=parse_slo(args.slo) if args.slo else None)
     if any(series.values()):
         plot_replicas(series, out / "replicas.png")
     simulated = _simulated_preset(preset, engine)
@@ -614,3 +822,15 @@ def say(msg: str) -> None:
 
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.0f} ms"
+
+
+def _csv(values) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f} %"
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"

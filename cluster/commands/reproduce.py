@@ -7,7 +7,9 @@ scheduler/workloads.py), budgets 0.1-0.9, seeds 0-2, and writes OUT/paper.md wit
 numbers next to ours, plus plots. Every DiSCo number is compared twice: (a) against the paper's
 kind of baselines (the unconstrained endpoint alone, which is within every budget, and the random
 split at b) and (b) against our stronger `length` split at b. Migration savings come per regime at
-the regime's device-energy price lambda, and across a sweep of lambda.
+the regime's device-energy price lambda, and across a sweep of lambda. With --self-hosted, the TTFT
+table under self-hosted continuous-batching replicas at two load levels instead (causal simulator,
+OUT/paper_selfhosted.md; cluster/commands/reproduce_selfhosted.py).
 """
 
 from __future__ import annotations
@@ -93,6 +95,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="worker processes (default: min(2, CPUs))")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress")
+    p.add_argument("--self-hosted", nargs="?", const="llama3-8b-a10g", metavar="PRESET",
+                   help="instead, the TTFT table under self-hosted replicas of a server preset "
+                   "(default llama3-8b-a10g) in the causal simulator, at two load levels: writes "
+                   "OUT/paper_selfhosted.md and leaves paper.md as it is (--limit: default 2000 "
+                   "requests of the conversation trace; --workloads does not apply)")  # fmt: skip
+    p.add_argument("--replicas", metavar="LIGHT,HEAVY",
+                   help="with --self-hosted: replica counts of the light and the heavy load level, "
+                   "device-constrained (the server gets every request; default 8,5)")  # fmt: skip
+    p.add_argument("--replicas-server", metavar="LIGHT,HEAVY",
+                   help="with --self-hosted: the same, server-constrained (the server gets about "
+                   "b of the prompts; default 8,3)")  # fmt: skip
+    p.add_argument("--budgets",
+                   help="with --self-hosted: comma-separated budgets (default 0.1,0.3,0.5,0.7,0.9; "
+                   "the load-free tables always run 0.1 ... 0.9)")  # fmt: skip
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="with --self-hosted: spread the replays over a Ray cluster instead of "
+                   "--jobs processes (local Ray without ADDRESS)")  # fmt: skip
 
 
 def _floats(text: str, what: str) -> tuple[float, ...]:
@@ -549,8 +568,9 @@ def render(rows, meta, workloads, seeds, sweep) -> str:
     add("")
     add(EXPLANATION.format(**_explanation_numbers(at, red, workloads, seeds)))
     add("")
-    add("Not here: the same table under self-hosted replicas (`disco sim --server-preset`, "
-        "issue 14 item 4): not run yet.")
+    add("Under self-hosted replicas (issue 14 item 4): the same TTFT table with the server a "
+        "continuous-batching replica set at two load levels, in the causal simulator, is "
+        "[`paper_selfhosted.md`](paper_selfhosted.md) (`disco reproduce --self-hosted`).")
     add("")
     add("Plots: `paper_tail.png` (the tail table: paper vs ours (a) and (b), per workload), "
         "`paper_lambda.png` (migration savings across lambda).")
@@ -691,6 +711,15 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("lambdas must be >= 0 USD/J")
     lambdas = {r: (regime_lambda(r) if args.lambda_usd_per_j is None else args.lambda_usd_per_j)
                for r in ("server", "device")}  # fmt: skip
+    if args.self_hosted is None:
+        for flag in ("ray", "replicas", "replicas_server", "budgets"):
+            if getattr(args, flag) is not None:
+                raise CliError(f"--{flag.replace('_', '-')} goes with --self-hosted (the load-free "
+                               "tables run budgets 0.1 ... 0.9 over --jobs processes)")  # fmt: skip
+    if args.self_hosted is not None:
+        from . import reproduce_selfhosted
+
+        return reproduce_selfhosted.run(args, seeds, lambdas)
     jobs = [Job(w, svc, dev, seed, args.limit, args.chat_requests, tuple(lambdas.items()), sweep)
             for w in workloads for svc in SERVICES.values() for dev in DEVICES.values()
             for seed in seeds]  # fmt: skip

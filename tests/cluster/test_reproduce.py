@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -106,3 +107,96 @@ def test_bad_arguments_exit_2(tmp_path: Path, capsys) -> None:
     assert "unknown workload 'nope'" in capsys.readouterr().err
     assert main(["reproduce", "--lambda", "-1", "--out", str(tmp_path)]) == 2
     assert "lambdas must be >= 0" in capsys.readouterr().err
+
+
+# --- issue 14 item 4: the table under self-hosted replicas ------------------------------------------
+SH_SMALL = ["reproduce", "--self-hosted", "--limit", "150", "--seeds", "0", "--budgets", "0.3,0.7",
+            "--quiet", "--jobs", "1"]  # fmt: skip
+SH_NUM = r"-?\d+\.\d ± \d+\.\d \[-?\d+\.\d, -?\d+\.\d\]"
+
+
+def _sh_run(out: Path, *extra: str) -> tuple[str, dict, Path]:
+    t = time.perf_counter()
+    assert main([*SH_SMALL, "--out", str(out), *extra]) == 0
+    assert time.perf_counter() - t < 30
+    assert not (out / "paper.md").exists()  # the load-free tables are not re-run
+    text = (out / "paper_selfhosted.md").read_text()
+    return text, json.loads((out / "paper_selfhosted.json").read_text()), out
+
+
+@pytest.fixture(scope="module")
+def sh_runs(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("reproduce_selfhosted")
+    return {"default": _sh_run(base / "a"), "heavier": _sh_run(base / "b", "--replicas", "8,1")}
+
+
+def test_self_hosted_structure(sh_runs) -> None:
+    text, data, _ = sh_runs["default"]
+    for heading in ("# The DiSCo paper's TTFT table under self-hosted replicas",
+                    "## Load levels (measured)", "## Tail (P99) TTFT reduction, self-hosted",
+                    "## Mean TTFT reduction, self-hosted", "## Where DiSCo loses under load",
+                    "## What changes against the API-service columns"):  # fmt: skip
+        assert heading in text, heading
+    assert "disco reproduce --self-hosted --limit 150" in text and "first 150 requests" in text
+    assert "`llama3-8b-a10g`" in text and "(paper.md)" in text
+    analysis = text.split("## What changes against the API-service columns")[1]
+    assert "*Heavy* (5 replicas: server-only" in analysis and "(to be written" not in analysis
+    for heading, paper_col in (("## Tail (P99) TTFT reduction, self-hosted", True),
+                               ("## Mean TTFT reduction, self-hosted", False)):  # fmt: skip
+        rows = _section_table(text, heading)
+        assert {(r[0], r[1]) for r in rows} == {(r, d) for r in REGIMES for d in DEVICES}
+        for r in rows:  # regime, device, [paper range], (a) and (b) of load-free, light, heavy
+            assert len(r) == 2 + paper_col + 6
+            if paper_col:
+                pv = [v for (s, g, d), v in PAPER_TAIL.items() if g == REGIMES[r[0]] and d == DEVICES[r[1]]]
+                assert r[2] == f"{min(pv):.2f} to {max(pv):.2f}"
+            for cell in r[2 + paper_col:]:
+                assert re.fullmatch(SH_NUM, cell), cell
+    load = _section_table(text, "## Load levels (measured)")
+    # 2 regimes x 2 loads x (single endpoint + 3 policies at b = 0.3, 3 at b = 0.7)
+    assert len(load) == 2 * 2 * 7
+    assert {(r[0], r[1], r[2]) for r in load} == {
+        ("device-constrained", "light", "8"), ("device-constrained", "heavy", "5"),
+        ("server-constrained", "light", "8"), ("server-constrained", "heavy", "3"),
+    }  # fmt: skip
+    # regimes x (load-free, light, heavy) x devices x (single endpoint + 3 policies x 2 budgets)
+    assert len(data["rows"]) == 2 * 3 * 2 * (1 + 3 * 2)
+
+
+def test_self_hosted_numbers_come_from_the_run(sh_runs) -> None:
+    from disco.cluster.commands.reproduce_selfhosted import device_mean, index_rows, rerender
+
+    text, data, out = sh_runs["default"]
+    # the load table is the rows' mean over the two devices
+    at = index_rows(data["rows"], tuple(data["budgets"]))
+    m = device_mean(at, "heavy", "device", 0.3, (0,))
+    line = next(r for r in _section_table(text, "## Load levels (measured)")
+                if r[:5] == ["device-constrained", "heavy", "5", "disco", "0.3"])  # fmt: skip
+    assert float(line[6]) == pytest.approx(m["disco"]["ttft_mean"], abs=1e-3)
+    assert float(line[7]) == pytest.approx(m["disco"]["ttft_p99"], abs=1e-3)
+    # the whole file re-renders from the rows the run wrote beside it
+    assert rerender(out / "paper_selfhosted.json") == text
+    # one replica for the heavy level: the heavy columns move, the light ones do not
+    other = sh_runs["heavier"][0]
+    a = _section_table(text, "## Tail (P99) TTFT reduction, self-hosted")
+    b = _section_table(other, "## Tail (P99) TTFT reduction, self-hosted")
+    dev_a = [r for r in a if r[0] == "device-constrained"]
+    dev_b = [r for r in b if r[0] == "device-constrained"]
+    assert [r[3:7] for r in dev_a] == [r[3:7] for r in dev_b]  # load-free, light
+    assert [r[7:9] for r in dev_a] != [r[7:9] for r in dev_b]  # heavy
+    heavy = [r for r in _section_table(other, "## Load levels (measured)")
+             if r[0] == "device-constrained" and r[1] == "heavy" and r[3] == "server-only"]  # fmt: skip
+    light = [r for r in _section_table(other, "## Load levels (measured)")
+             if r[0] == "device-constrained" and r[1] == "light" and r[3] == "server-only"]  # fmt: skip
+    assert float(heavy[0][10]) > float(light[0][10])  # waiting per replica: one replica queues
+
+
+def test_self_hosted_bad_arguments_exit_2(tmp_path: Path, capsys) -> None:
+    assert main(["reproduce", "--replicas", "8,5", "--out", str(tmp_path)]) == 2
+    assert "--replicas goes with --self-hosted" in capsys.readouterr().err
+    assert main([*SH_SMALL, "--replicas", "5,8", "--out", str(tmp_path)]) == 2
+    assert "the light level needs more replicas" in capsys.readouterr().err
+    assert main([*SH_SMALL, "--budgets", "0,0.5", "--out", str(tmp_path)]) == 2
+    assert "--budgets must be numbers in (0, 1)" in capsys.readouterr().err
+    assert main(["reproduce", "--self-hosted", "no-such-preset", "--out", str(tmp_path)]) == 2
+    assert not (tmp_path / "paper_selfhosted.md").exists()
