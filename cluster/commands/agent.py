@@ -76,6 +76,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "it got its slot) has failed and the other takes over (default: 60000)",
     )  # fmt: skip
     p.add_argument(
+        "--retries", type=int, default=2,
+        help="once both endpoints have failed, start the one that failed first again, up to "
+        "this many times per request (default: 2; 0: fail when each failed once)",
+    )  # fmt: skip
+    p.add_argument(
         "--max-device-queue", type=int, default=16,
         help="requests that may wait for the device (it runs one at a time); past it, one the "
         "plan gives to the device alone is refused with HTTP 429 (default: 16; -1: no limit)",
@@ -205,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
             planner_timeout_ms=args.planner_timeout_ms,
             first_token_timeout_ms=args.first_token_timeout_ms,
             max_device_queue=None if args.max_device_queue < 0 else args.max_device_queue,
+            retries=args.retries,
         )  # fmt: skip
     except ValueError as e:
         raise CliError(str(e)) from None

@@ -2,8 +2,9 @@
 
 Issue 14 item 4: the tail/mean TTFT reduction table of `paper.md`, with the server being N
 continuous-batching replicas of a server preset in the causal simulator
-(`scheduler/causal_sim.py`), at two load levels (two replica counts at the trace's own rate), both
-regimes, both of the paper's devices, on a slice of the Azure conversation trace. The API-service
+(`scheduler/causal_sim.py`), at two load levels (two replica counts per regime at the trace's own
+rate), both regimes, both of the paper's devices, on a slice of the Azure conversation trace, beside
+a load-free column (the same preset as an API service, the load-free simulator). The API-service
 dimension collapses (self-hosted has no list price: the server's cost is replica time x the
 preset's $/h). DiSCo is compared against (a) the paper's kind of baselines and (b) `length`, as in
 `paper.md`; the replicas' measured load (running batch, waiting queue, KV occupancy) shows which

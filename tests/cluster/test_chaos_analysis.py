@@ -111,11 +111,16 @@ def test_growth_is_a_slope_per_hour_after_warm_up():
 
 
 def test_flatness_follows_the_issues_goals():
-    samples = [{"t": t, "project": {"agent": {"rss_mib": 100 + 3 * k, "fds": 10, "tasks": 2 + k}},
+    samples = [{"t": t, "project": {"agent": {"rss_mib": 100 + 3 * k, "fds": 10, "tasks": 2 + k % 3}},
                 "ray": {}, "bench": {}, "object_store": None}
                for k, t in enumerate([0, 10, 20, 30])]  # fmt: skip
-    flat = soak.flatness(soak.analyse(samples, warmup_s=10))["project:agent"]
-    assert flat == {"rss_within_5pct": False, "fds_flat": True, "tasks_flat": True}
+    flat = soak.flatness(samples, warmup_s=0)["project:agent"]
+    assert flat["rss_within_5pct"] is False and flat["fds_flat"] and flat["tasks_flat"]
+    growing = [{"t": 10 * k, "project": {"a": {"rss_mib": 100, "fds": 10 + 3 * k, "tasks": 2}},
+                "ray": {}, "bench": {}, "object_store": None} for k in range(8)]  # fmt: skip
+    flat = soak.flatness(growing, warmup_s=0)["project:a"]
+    assert flat["rss_within_5pct"] and not flat["fds_flat"] and flat["tasks_flat"]
+    assert flat["fds_quarters"] == [11.5, 29.5]
 
 
 def test_process_stats_with_and_without_psutil(monkeypatch: pytest.MonkeyPatch):

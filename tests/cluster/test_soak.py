@@ -32,6 +32,7 @@ def test_a_short_soak_samples_every_process(tmp_path):
     doc = json.loads((out / "soak.json").read_text())
     assert (out / "soak.png").stat().st_size > 20_000
     assert doc["samples"] == s["samples"] >= 8 and doc["requests"] >= 40
+    assert len((out / "samples.jsonl").read_text().splitlines()) == s["samples"]
     last = doc["sample_list"][-1]
     project = last["project"]
     assert {"scheduler", "agent", "fleet0", "fleet1"} <= set(project), sorted(project)

@@ -125,3 +125,13 @@ def test_a_fleet_device_retries_as_an_agent_does():
 
     fleet = EmulatedFleet(FleetConfig(devices=1))
     assert fleet.agent("emu-0").coordinator.config.retries == AgentConfig().retries == 2
+
+
+def test_disco_agent_takes_retries_from_a_flag(capsys):
+    from disco.cluster.cli import build_parser, main
+
+    base = ["agent", "--server", "http://127.0.0.1:9"]
+    assert build_parser().parse_args(base).retries == 2
+    assert build_parser().parse_args([*base, "--retries", "0"]).retries == 0
+    assert main([*base, "--retries", "-1"]) == 2  # refused before anything starts
+    assert "retries must be >= 0" in capsys.readouterr().err
