@@ -115,6 +115,9 @@ class ServerConfig:
             raise ConfigError("server.stream_batching_interval_ms must be >= 0")
 
 
+PLANNING_MODES = ("central", "snapshot")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """The central SchedulerActor and the policy it wraps."""
@@ -137,8 +140,24 @@ class SchedulerConfig:
     checkpoint_interval_s: float = 0.05
     num_cpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
+    # How devices plan (issue 11): "central" asks this actor per request (one actor call, a WAN
+    # round trip on a real phone); "snapshot" plans on the device from the policy snapshot the
+    # actor publishes, under a budget lease, and reports outcomes in batches.
+    planning: str = "central"
+    publish_interval_s: float = 1.0  # snapshot: at most one fit and publish per interval
+    sync_s: float = 0.5  # snapshot: how often a holder (fleet actor, agent) syncs
+    lease_period_s: float = 2.0  # snapshot: a budget lease covers this long
+    lease_headroom: float = 0.25  # snapshot: allowance over the fitted share (a cap, not a target)
 
     def __post_init__(self) -> None:
+        if self.planning not in PLANNING_MODES:
+            raise ConfigError(
+                f"scheduler.planning must be one of {PLANNING_MODES}, got {self.planning!r}"
+            )
+        if min(self.publish_interval_s, self.sync_s, self.lease_period_s) <= 0:
+            raise ConfigError("scheduler.publish_interval_s, sync_s and lease_period_s must be > 0")
+        if self.lease_headroom < 0:
+            raise ConfigError("scheduler.lease_headroom must be >= 0")
         if self.regime not in ("server", "device"):
             raise ConfigError(f"scheduler.regime must be 'server' or 'device', got {self.regime!r}")
         if not 0.0 <= self.budget <= 1.0:

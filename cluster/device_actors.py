@@ -118,7 +118,9 @@ class FleetActor:
             server = server_endpoint(server_url or "", model_name)
         self.planner = None
         if scheduler is not None:
-            self.planner = ActorPlanner(scheduler, config=scheduler_cfg)
+            self.planner = holder_planner(
+                scheduler, scheduler_cfg, f"fleet{index}", devices, cfg.scheduler_rtt_ms
+            )
         self.fleet = EmulatedFleet(
             cfg,
             planner=self.planner,
@@ -145,7 +147,11 @@ class FleetActor:
             yield ev
 
     def stats(self) -> dict[str, Any]:
-        return self.fleet.stats()
+        out = self.fleet.stats()
+        status = getattr(self.planner, "status", None)
+        if status is not None:
+            out = out | {"planner": status()}
+        return out
 
     async def probe(self) -> dict[str, Any]:
         """This actor's process and event loop now (``disco bench soak``)."""
@@ -157,6 +163,9 @@ class FleetActor:
 
     async def close(self) -> None:
         await self.fleet.close()
+        close = getattr(self.planner, "close", None)
+        if close is not None:  # a snapshot holder sends what it has left
+            await close()
 
 
 class FleetHttpActor(FleetActor):
@@ -202,6 +211,23 @@ class FleetHttpActor(FleetActor):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._http_task, 10)
         await self.close()
+
+
+def holder_planner(
+    scheduler: Any, scheduler_cfg: dict[str, Any], name: str, devices: int, rtt_ms: float = 0.0
+) -> Planner:
+    """The planner a fleet actor or agent gets (``scheduler.planning``): per request over the
+    actor (``central``) or on the device from snapshots under a lease (``snapshot``), with the
+    devices' emulated round trip to the scheduler (``rtt_ms``)."""
+    from disco.cluster.snapshot_client import RttPlanner, snapshot_planner
+
+    rtt_s = rtt_ms / 1000.0
+    if scheduler_cfg.get("planning", "central") == "snapshot":
+        with contextlib.suppress(Exception):  # outside an actor: the given name
+            name = ray.get_runtime_context().get_actor_name() or name
+        return snapshot_planner(scheduler, name, scheduler_cfg, devices=devices, rtt_s=rtt_s)
+    planner = ActorPlanner(scheduler, config=scheduler_cfg)
+    return RttPlanner(planner, rtt_s) if rtt_s > 0 else planner
 
 
 def _placement(num_cpus: float, resources: dict[str, float]) -> dict[str, Any]:
@@ -300,7 +326,7 @@ class DeviceAgentActor:
             scheduler_cfg["server_profile"],
             self.cfg.device_profile or scheduler_cfg["device_profile"],
         )
-        self.planner = ActorPlanner(scheduler, config=scheduler_cfg)
+        self.planner = holder_planner(scheduler, scheduler_cfg, f"agent.{self.cfg.device_id}", 1)
         self.agent = build_agent(
             server=server_endpoint(server_url, model_name, handle=handle),
             device=device,
@@ -372,6 +398,9 @@ class DeviceAgentActor:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._task, 10)
         await self.agent.drain()
+        close = getattr(self.planner, "close", None)
+        if close is not None:  # a snapshot holder sends what it has left
+            await close()
 
 
 def start_agent(

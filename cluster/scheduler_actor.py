@@ -11,6 +11,10 @@
   and ``__init__`` restores it, so a restarted actor keeps its budget accounting and config.
   Callers' in-flight calls are retried (``max_task_retries=-1``). The write runs off the event
   loop that answers plans (:class:`~disco.cluster.scheduler_state.Checkpointer`).
+- ``sync(msg)`` (issue 11, ``planning: snapshot``): a holder (fleet actor, device agent) that
+  plans locally sends its batch of outcomes and gets the newest policy snapshot and its next
+  budget lease (:class:`~disco.scheduler.publisher.SnapshotPublisher`); the policy then fits once
+  per publish, so this actor's work grows with syncs, not requests.
 - ``reconfigure(config)`` switches policy, budget, regime or profiles live (``disco serve`` run
   again) and answers what changed; ``status()`` is what ``disco status`` shows, including the
   small registry of device agents and fleets that ``register`` fills (kept in memory only:
@@ -31,11 +35,13 @@ from disco.cluster.config import SchedulerConfig, from_dict, to_dict
 from disco.cluster.metrics import scheduler_sampler
 from disco.cluster.resolve import check_live_policy, policy_from_config
 from disco.cluster.scheduler_state import Checkpointer, NullStore, SchedulerCore, make_store
+from disco.scheduler.lease import LeaseConfig
+from disco.scheduler.publisher import PublishConfig, SnapshotPublisher
 from disco.scheduler.types import Plan, Regime, Request, RequestOutcome
 
 # Keys ``reconfigure`` applies without rebuilding the policy; any other change (policy, budget,
 # regime, migration, window, profiles...) rebuilds it.
-NON_POLICY_KEYS = frozenset({"checkpoint_interval_s"})
+NON_POLICY_KEYS = frozenset({"checkpoint_interval_s", "planning", "sync_s"})
 # Fixed when the actor is created (its name, restarts, store, placement): a change needs a new
 # actor (``disco down``, then ``disco serve``); ``reconfigure`` reports and keeps them.
 CREATION_KEYS = frozenset({"actor_name", "max_restarts", "checkpoint", "num_cpus", "resources"})
@@ -67,6 +73,7 @@ class SchedulerActor:
         self.started_at = time.time()
         self.devices: dict[str, dict[str, Any]] = {}  # registry: id -> entry (``register``)
         self.metrics = scheduler_sampler(self)  # Ray metrics, <= 1/s (cluster/metrics.py)
+        self.publisher: SnapshotPublisher | None = None  # made by the first sync
 
     async def ping(self) -> int:
         """The actor's process id (changes when Ray restarts it)."""
@@ -105,6 +112,38 @@ class SchedulerActor:
         self.checkpointer.touch()
         self.metrics.touch()
 
+    def _publisher(self) -> SnapshotPublisher:
+        if self.publisher is None:
+            c = self.cfg
+            self.publisher = SnapshotPublisher(
+                self.core.policy,
+                PublishConfig(interval_s=c.publish_interval_s, sync_s=c.sync_s,
+                              lease=LeaseConfig(period_s=c.lease_period_s,
+                                                headroom=c.lease_headroom)),
+                config_version=self.core.config_version,
+            )  # fmt: skip
+        return self.publisher
+
+    async def sync(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """A holder's batch in; the newest snapshot (if it has an older one) and its lease out
+        (see :meth:`SnapshotPublisher.sync`)."""
+        answer, totals = self._publisher().sync(msg, time.monotonic(), time.time())
+        self.core.ledger.add_totals(totals)
+        self.core.plans += int(msg.get("plans", 0))
+        self.checkpointer.touch()
+        self.metrics.touch()
+        return answer
+
+    async def snapshot(self) -> dict[str, Any]:
+        """The current policy snapshot (wire form), published now if none is."""
+        return self._publisher().current(time.monotonic(), time.time()).to_wire()
+
+    async def cpu(self) -> dict[str, float]:
+        """This actor's process CPU time (``disco bench scale``: the scheduler's cost)."""
+        t = os.times()
+        return {"cpu_s": t.user + t.system, "sync_cpu_s":
+                0.0 if self.publisher is None else self.publisher.stats.cpu_s}  # fmt: skip
+
     async def checkpoint(self) -> None:
         """Write the state now and wait until it is written (tests, shutdown)."""
         await self.checkpointer.flush()
@@ -123,6 +162,8 @@ class SchedulerActor:
             cfg = from_dict(SchedulerConfig, new, "scheduler")
             if changed.keys() - NON_POLICY_KEYS:
                 self.core.policy = policy_from_config(cfg)  # raises before anything changed
+                if self.publisher is not None:
+                    self.publisher.set_policy(self.core.policy, self.core.config_version + 1)
             self.core.regime = Regime(cfg.regime)
             self.cfg = cfg
             self.core.config_version += 1
@@ -191,6 +232,8 @@ class SchedulerActor:
             "errors": led.errors,
             "migrations": led.migrations,
             "restores": self.core.restores,
+            "planning": self.cfg.planning,
+            "snapshots": None if self.publisher is None else self.publisher.status(),
             "t": time.monotonic(),
             "config": to_dict(self.cfg),
             "devices": sorted(self.devices.values(), key=lambda d: d["id"]),

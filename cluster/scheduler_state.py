@@ -64,6 +64,14 @@ class BudgetLedger:
         self.first_from_device += o.first_token_from is EndpointKind.DEVICE
         self.migrations += o.migrated_at is not None
 
+    def add_totals(self, t: Any) -> None:
+        """Add a batch's exact totals (``OutcomeBatch.totals``: the same fields)."""
+        for k in ("requests", "errors", "prompt_tokens", "server_prompt_tokens",
+                  "device_prompt_tokens", "server_output_tokens", "device_output_tokens",
+                  "server_cost", "device_energy_j", "first_from_server", "first_from_device",
+                  "migrations", "refused"):  # fmt: skip
+            setattr(self, k, getattr(self, k) + getattr(t, k))
+
     def spent_ratio(self, regime: Regime) -> float:
         """Share of prompt tokens the constrained endpoint prefilled (the budget's b)."""
         if self.prompt_tokens == 0:

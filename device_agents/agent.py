@@ -123,6 +123,9 @@ class DeviceAgent:
         return plan.server_start is None and self.saturated()
 
     async def _plan(self, request: Request) -> Plan:
+        local = getattr(self.planner, "plan_now", None)
+        if local is not None:  # plans on the device from a snapshot: no call, no timeout
+            return local(request)
         try:
             return await asyncio.wait_for(self.planner.plan(request), self._timeout_s)
         except Exception as e:  # the scheduler is down or slow: plan here, at once
@@ -148,6 +151,10 @@ class DeviceAgent:
         task.add_done_callback(self._reports.discard)
 
     async def _report(self, outcome: Any) -> None:
+        local = getattr(self.planner, "report_now", None)
+        if local is not None:  # into the holder's next batch
+            local(outcome)
+            return
         if self.fallback is not self.planner:
             await self.fallback.report(outcome)  # local: keeps the stand-in's window current
         try:
@@ -203,6 +210,8 @@ def _regime_of(planner: Any) -> str | None:
     (an ActorPlanner's fallback); None when neither says."""
     policy = getattr(planner, "policy", None)
     regime = getattr(getattr(policy, "config", None), "regime", None)
+    if regime is None:
+        regime = getattr(planner, "regime", None)  # a SnapshotPlanner
     if regime is None:
         config = getattr(getattr(planner, "fallback", None), "config", None)
         regime = config.get("regime") if isinstance(config, dict) else None

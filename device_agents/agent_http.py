@@ -34,6 +34,7 @@ from .agent import DeviceAgent, DeviceSaturatedError
 from .config import API_KEY_ENV, HttpConfig
 from .coordinator import Execution, StreamFailedError
 from .drain import Drain, DrainMiddleware
+from .snapshot_planner import render_status
 from .telemetry import AgentMetrics, merge_metrics
 
 
@@ -159,9 +160,14 @@ def create_app(
             labels = f'device_id="{_label(only.config.device_id)}"'
         else:
             labels = f'devices="{len(agents)}"'
-        return PlainTextResponse(
-            total.render(labels=labels), media_type="text/plain; version=0.0.4"
-        )
+        text = total.render(labels=labels)
+        seen: set[int] = set()
+        for a in agents.values():  # snapshot planners (issue 11): one holder, shown once
+            status = getattr(a.planner, "status", None)
+            if status is not None and id(a.planner) not in seen:
+                seen.add(id(a.planner))
+                text += render_status(status())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     routes = [
         Route("/v1/completions", completions, methods=["POST"]),

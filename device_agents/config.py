@@ -201,6 +201,9 @@ class FleetConfig:
     # Fault injection on the fleet's own emulated server (failover runs; see EmulatedEndpoint).
     server_fail_after_tokens: int | None = None
     server: str = "handle"
+    # Round trip from these devices to the scheduler actor (ms, emulated; 0: the cluster's own),
+    # paid by every per-request plan (planning: central) or every sync (planning: snapshot).
+    scheduler_rtt_ms: float = 0.0
     devices_per_actor: int = 500
     num_cpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
@@ -215,4 +218,6 @@ class FleetConfig:
             raise ValueError(f"server must be one of {SERVER_MODES}, got {self.server!r}")
         if self.time_scale < 0:
             raise ValueError("time_scale must be >= 0")
+        if self.scheduler_rtt_ms < 0:
+            raise ValueError("scheduler_rtt_ms must be >= 0")
         _check_timeout(self.planner_timeout_ms)

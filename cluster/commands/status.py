@@ -269,6 +269,18 @@ def device_load(metrics: dict[str, Any] | None) -> str:
     return " ".join(parts) or "-"
 
 
+def _planning(s: dict[str, Any]) -> str:
+    """Per request, or on the devices from snapshots (issue 11): versions, syncs, leases."""
+    snap = s.get("snapshots")
+    mode = s.get("planning", "central")
+    if not snap:
+        return f"{mode} (no snapshot sync yet)"
+    return (f"{mode}; snapshot v{snap['version']} ({snap['publishes']:,} published, "
+            f"{snap['fits']:,} fits), {snap['syncs']:,} syncs from {snap['holders_live']} of "
+            f"{snap['holders']} holders ({snap['devices']:,} devices), leases lost "
+            f"{snap['leases_lost']}")  # fmt: skip
+
+
 def render(report: dict[str, Any]) -> str:
     s = report["scheduler"]
     b = s["budget"]
@@ -295,6 +307,7 @@ def render(report: dict[str, Any]) -> str:
                               "locally: the scheduler did not answer in time)"],
                 ["checkpoints", f"{s.get('checkpoints', 0):,} written, "
                                 f"{s.get('checkpoint_errors', 0):,} errors"],
+                ["planning", _planning(s)],
             ],
         ),
     ]  # fmt: skip

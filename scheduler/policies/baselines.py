@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..snapshot import FixedStarts, LengthSplit, RandomShare
 from ..types import EndpointKind
 from .base import POLICIES
 from .common import NEVER, WindowPolicy
@@ -17,6 +18,9 @@ from .common import NEVER, WindowPolicy
 
 class ServerOnly(WindowPolicy):
     name = "server-only"
+
+    def decision_table(self):
+        return FixedStarts(0.0, NEVER)
 
     def _decide(self, lengths, hints):
         n = lengths.size
@@ -26,6 +30,9 @@ class ServerOnly(WindowPolicy):
 class DeviceOnly(WindowPolicy):
     name = "device-only"
 
+    def decision_table(self):
+        return FixedStarts(NEVER, 0.0)
+
     def _decide(self, lengths, hints):
         n = lengths.size
         return np.full(n, NEVER), np.zeros(n)
@@ -33,6 +40,9 @@ class DeviceOnly(WindowPolicy):
 
 class Race(WindowPolicy):
     name = "race"
+
+    def decision_table(self):
+        return FixedStarts(0.0, 0.0)
 
     def _decide(self, lengths, hints):
         return self.race(lengths.size)
@@ -43,6 +53,9 @@ class RandomSplit(WindowPolicy):
 
     name = "random"
     uses_budget = True
+
+    def decision_table(self):
+        return RandomShare(self.budget, (0.0, 0.0), self.unconstrained_starts(), self.config.seed)
 
     def _decide(self, lengths, hints):
         n = lengths.size
@@ -88,6 +101,12 @@ class LengthThreshold(WindowPolicy):
 
     def _share(self) -> float:
         return self.budget
+
+    def decision_table(self):
+        if self.budget >= 1.0:
+            return FixedStarts(0.0, 0.0)
+        return LengthSplit(float(self.threshold), self.long_side, (0.0, 0.0),
+                           self.unconstrained_starts())  # fmt: skip
 
     def _recompute(self) -> None:
         w = self.window.view()

@@ -180,6 +180,7 @@ class WindowPolicy:
         self.inflight_seen = 0.0  # prompt tokens of planned, not yet observed requests
         self.inflight_spent = 0.0  # of those, reserved for a definite constrained start
         self._rule = migration_rule(config.regime) if config.migration else None
+        self.defer_fits = False  # True: fit on refit() only (snapshot publishing)
 
     # --- what subclasses provide --------------------------------------------------------
     def _decide(self, lengths: np.ndarray, hints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,6 +189,15 @@ class WindowPolicy:
 
     def _recompute(self) -> None:
         """Refresh thresholds / wait times from the window (called every recompute_every)."""
+
+    def decision_table(self):
+        """``_decide`` as a :mod:`~disco.scheduler.snapshot` table a device plans from (issue
+        11); None: ship a frozen copy of the whole policy instead."""
+        return None
+
+    def unconstrained_starts(self) -> tuple[float, float]:
+        """(server start, device start) of the unconstrained endpoint alone."""
+        return (NEVER, 0.0) if self.constrained is EndpointKind.SERVER else (0.0, NEVER)
 
     # --- shared -------------------------------------------------------------------------
     @property
@@ -322,10 +332,34 @@ class WindowPolicy:
             self.inflight_seen = self.inflight_spent = 0.0
         return ss
 
+    def refit(self) -> bool:
+        """Recompute now from the window if anything arrived since the last fit (the snapshot
+        publisher's cadence, issue 11: fits per publish, not per ``recompute_every``
+        observations, when ``defer_fits`` is set). Returns whether it recomputed."""
+        if self._since_recompute == 0:
+            return False
+        self._since_recompute = 0
+        self._fit()
+        return True
+
+    def _fit(self) -> None:
+        self._recomputes += 1
+        w = self.window.view()
+        if self._recomputes % OUTPUT_REFIT_EVERY == 1:
+            self.outputs.fit(self.window.l[w], self.window.out[w])
+        self._recompute()
+
     def observe_arrays(self, lengths, out, spent, ts, exact) -> None:
         """Feed observations in arrival order; recomputes at exactly the points the scalar path
-        would (every ``recompute_every`` observations)."""
+        would (every ``recompute_every`` observations), or only on ``refit()`` when
+        ``defer_fits`` is set (the scheduler then fits once per published snapshot)."""
         k = len(lengths)
+        if getattr(self, "defer_fits", False):
+            self.window.add(lengths, out, spent, ts, exact)
+            self.seen_tokens += float(np.sum(lengths))
+            self.spent_tokens += float(np.sum(spent))
+            self._since_recompute += k
+            return
         i = 0
         while i < k:
             take = min(k - i, self.config.recompute_every - self._since_recompute)
@@ -337,11 +371,7 @@ class WindowPolicy:
             i += take
             if self._since_recompute == self.config.recompute_every:
                 self._since_recompute = 0
-                self._recomputes += 1
-                w = self.window.view()
-                if self._recomputes % OUTPUT_REFIT_EVERY == 1:
-                    self.outputs.fit(self.window.l[w], self.window.out[w])
-                self._recompute()
+                self._fit()
 
 
 def budget_guard_scan(

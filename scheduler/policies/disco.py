@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..snapshot import FixedStarts, LengthSplit, WaitTable
 from ..types import EndpointKind
 from .base import POLICIES
 from .baselines import length_threshold
@@ -131,6 +132,17 @@ class DiSCo(WindowPolicy):
             # policy). Race such a request; the budget guard decides whether it may.
             ss = np.zeros(1)
         return ss, ds
+
+    def decision_table(self):
+        if self.budget >= 1.0:
+            return FixedStarts(0.0, 0.0)
+        if self.budget <= 0.0:
+            return FixedStarts(*self.unconstrained_starts())
+        if self.constrained is EndpointKind.SERVER:
+            cold = not np.isfinite(self.threshold) and self.config.device_queue_aware
+            return LengthSplit(float(self.threshold), True, (0.0, 0.0), (NEVER, 0.0), cold)
+        return WaitTable(tuple(map(float, self.edges)), tuple(map(float, self.waits)),
+                         EndpointKind.DEVICE)  # fmt: skip
 
     def _decide(self, lengths, hints):
         n = lengths.size

@@ -39,6 +39,9 @@ class HedgeAfter(WindowPolicy):
     uses_budget = True  # the hedge spends the constrained endpoint: the base class guards it
     wait_s = 0.5
 
+    # No ``decision_table()``: a device planning from snapshots gets a frozen copy of this policy
+    # (correct, not compact); a table of its own would be FixedStarts of the two starts below.
+
     def _decide(self, lengths: np.ndarray, hints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = lengths.size
         if self.budget <= 0.0:

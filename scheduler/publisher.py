@@ -1,0 +1,129 @@
+"""The central side of snapshot planning: telemetry in, snapshots and leases out (issue 11).
+
+:class:`SnapshotPublisher` wraps the scheduler's policy. Holders (fleet actors, device agents)
+call :meth:`SnapshotPublisher.sync` every few hundred milliseconds with the outcomes they
+collected (:class:`~disco.scheduler.outcome_batch.OutcomeBatch`) and the prompt tokens they
+planned; they get back the newest :class:`~disco.scheduler.snapshot.PolicySnapshot` when theirs
+is older, and their next :class:`~disco.scheduler.lease.Lease`. The policy fits once per publish
+(``interval_s``), not every ``recompute_every`` observations (``WindowPolicy.defer_fits``), so
+the scheduler's work grows with syncs and publishes, not with requests: a sync costs a few array
+operations over at most ``max_samples`` rows, a publish one fit.
+
+Pure: the caller passes both clocks (``now``: monotonic, for cadence and lease expiry; ``wall``:
+``time.time()``, stamped on the snapshot so holders can tell its age).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .lease import LeaseBook, LeaseConfig
+from .outcome_batch import BatchTotals, OutcomeBatch
+from .snapshot import PolicySnapshot, snapshot_of
+
+
+@dataclass(frozen=True, slots=True)
+class PublishConfig:
+    interval_s: float = 1.0  # at most one fit and publish per interval (when data arrived)
+    sync_s: float = 0.5  # how often holders sync (they read it from the first answer)
+    max_samples: int = 2000  # rows per holder batch the policy learns from (totals exact)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0 or self.sync_s <= 0 or self.max_samples < 1:
+            raise ValueError("publish: interval_s > 0, sync_s > 0, max_samples >= 1")
+
+
+@dataclass(slots=True)
+class PublisherStats:
+    syncs: int = 0
+    publishes: int = 0
+    fits: int = 0
+    rows: int = 0  # observation rows the policy learned from
+    requests: int = 0  # requests the batches summarised (rows <= requests)
+    cpu_s: float = 0.0  # thread CPU time spent in sync (ingest, publish, lease)
+
+
+class SnapshotPublisher:
+    def __init__(self, policy: Any, config: PublishConfig | None = None,
+                 *, config_version: int = 1) -> None:  # fmt: skip
+        self.config = config or PublishConfig()
+        self.stats = PublisherStats()
+        self.book = LeaseBook(float(policy.config.budget), self.config.lease)
+        self.version = 0
+        self.snapshot: PolicySnapshot | None = None
+        self._published_at = -float("inf")
+        self._new_rows = 0
+        self.set_policy(policy, config_version)
+
+    def set_policy(self, policy: Any, config_version: int) -> None:
+        """Use ``policy`` from now on (a reconfigure): the next sync gets its snapshot."""
+        policy.defer_fits = True
+        self.policy = policy
+        self.config_version = config_version
+        self.book.budget = float(policy.config.budget)
+        self.snapshot = None
+
+    def ingest(self, holder: str, devices: int, batch: dict[str, Any] | None,
+               planned_tokens: float, now: float) -> BatchTotals:  # fmt: skip
+        """Learn from a holder's wire batch; returns its exact totals (for the ledger)."""
+        totals = BatchTotals()
+        spent = 0.0
+        if batch is not None:
+            totals = BatchTotals(**batch["totals"])
+            arrays = OutcomeBatch.wire_arrays(batch)
+            if arrays[0].size:
+                self.policy.observe_arrays(*arrays)
+                self._new_rows += int(arrays[0].size)
+                self.stats.rows += int(arrays[0].size)
+            self.stats.requests += totals.requests
+            regime = self.policy.regime
+            spent = float(totals.device_prompt_tokens if regime.value == "device"
+                          else totals.server_prompt_tokens)  # fmt: skip
+        self.book.report(holder, devices, float(planned_tokens), spent, now)
+        return totals
+
+    def current(self, now: float, wall: float) -> PolicySnapshot:
+        """The snapshot to hand out: refit and republish when ``interval_s`` has passed and new
+        observations arrived (or none was published for this policy yet)."""
+        due = now - self._published_at >= self.config.interval_s
+        if self.snapshot is None or (due and self._new_rows > 0):
+            if self._new_rows > 0 and self.policy.refit():
+                self.stats.fits += 1
+            self._new_rows = 0
+            self.version += 1
+            self.snapshot = snapshot_of(self.policy, self.version,
+                                        config_version=self.config_version, published_at=wall)  # fmt: skip
+            self._published_at = now
+            self.stats.publishes += 1
+        return self.snapshot
+
+    def sync(self, msg: dict[str, Any], now: float, wall: float) -> tuple[dict[str, Any], BatchTotals]:
+        """One holder's sync. ``msg``: ``holder``, ``devices``, ``batch`` (wire, or None),
+        ``planned_tokens`` (since its last sync), ``version`` (the snapshot it has, 0: none).
+        Answers ``snapshot`` (wire; None when the holder's is current), ``version``, ``lease``
+        (wire), ``sync_s``; and the batch's totals for the caller's ledger."""
+        t0 = time.thread_time()
+        holder = str(msg["holder"])
+        totals = self.ingest(holder, int(msg.get("devices", 1)), msg.get("batch"),
+                             float(msg.get("planned_tokens", 0.0)), now)  # fmt: skip
+        snap = self.current(now, wall)
+        lease = self.book.grant(holder, now, getattr(self.policy, "b_eff", None),
+                                self.policy.budget_seen, self.policy.budget_spent)  # fmt: skip
+        self.stats.syncs += 1
+        answer = {
+            "version": snap.version,
+            "snapshot": None if int(msg.get("version", 0)) == snap.version else snap.to_wire(),
+            "lease": lease.to_wire(),
+            "sync_s": self.config.sync_s,
+        }
+        self.stats.cpu_s += time.thread_time() - t0
+        return answer, totals
+
+    def status(self) -> dict[str, Any]:
+        s = self.stats
+        return {"version": self.version, "syncs": s.syncs, "publishes": s.publishes,
+                "fits": s.fits, "rows": s.rows, "requests": s.requests,
+                "sync_cpu_s": s.cpu_s} | self.book.stats()  # fmt: skip
