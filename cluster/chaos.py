@@ -8,8 +8,8 @@ actor, a real llama.cpp agent, emulated fleets) runs the open-loop load of
 - ``replica_kill``: the server replica actor with the most streams open is killed (Serve
   replaces it); only while every replica runs, so the server as a whole never dies.
 - ``fleet_kill``: a fleet actor is killed with its devices and their streams (the users' own
-  devices die: ``device_lost``, not ``lost``); it comes back under a new name 2-4 s later, and no
-  user sends to its devices meanwhile.
+  devices die: ``device_lost``, not ``lost``); it comes back under a new name 2-4 s later (one
+  dead fleet at a time), and its users send nothing meanwhile (``skipped_device_dead``).
 - ``engine_fail``: the agent's llama.cpp engine fails every stream in flight and refuses new ones
   for 0.5-2 s (``FaultyEndpoint``).
 - ``scheduler_kill``: the scheduler actor is killed; Ray restarts it from its checkpoint and the
@@ -388,6 +388,7 @@ class ChaosOptions:
     fleets: int = 2
     devices_per_fleet: int = 4
     agent: bool = True
+    agent_share: float = 0.15  # of the requests, the real llama.cpp agent's user's
     budget: float = 0.5
     policy: str = "disco"
 
@@ -464,7 +465,7 @@ class Injector:
     async def _fleet_kill(self, f: Fault) -> bool:
         bed = self.bed
         up = sorted(i for i, s in bed.fleets.items() if s.up)
-        if not up:
+        if not up or len(up) < len(bed.fleets):  # one dead fleet at a time
             return False
         index = up[int(self.rng.integers(0, len(up)))]
         down_s = float(self.rng.uniform(2.0, 4.0))
@@ -582,7 +583,8 @@ def _device_stats(bed: Any) -> dict[str, Any]:
             m = ray.get(bed.agent.metrics.remote(), timeout=30)
             out["agent"] = {k: m[k] for k in ("requests", "completed", "failed", "failovers",
                             "planner_fallbacks", "planner_errors", "device_refused",
-                            "migrations")}  # fmt: skip
+                            "migrations", "device_running", "device_waiting",
+                            "device_queued")}  # fmt: skip
     fleets = []
     for slot in bed.fleets.values():
         with contextlib.suppress(Exception):
@@ -597,7 +599,8 @@ async def _drive(bed: Any, opts: ChaosOptions) -> tuple[OpenLoop, Injector]:
     t0 = time.monotonic()
     load = OpenLoop(
         LoadOptions(rate=opts.rate, duration_s=opts.duration_s, drain_s=opts.drain_s,
-                    seed=opts.seed, agent_id=bed.config.agent.device_id),
+                    seed=opts.seed, agent_id=bed.config.agent.device_id,
+                    agent_share=opts.agent_share),
         bed.targets, clock_origin=t0,
     )  # fmt: skip
     inj = Injector(bed, opts, load.now, load.open_streams)
@@ -632,7 +635,7 @@ def run_chaos(opts: ChaosOptions) -> dict[str, Any]:
     summary |= {
         "duration_s": opts.duration_s, "kill_every_s": opts.kill_every_s, "seed": opts.seed,
         "rate_per_s": opts.rate, "testbed_start_s": up_s,
-        "wall_s": time.monotonic() - t_start, "skipped_no_device": load.skipped,
+        "wall_s": time.monotonic() - t_start, "skipped_device_dead": load.skipped,
         "devices": devices, "options": asdict(opts) | {"kinds": list(opts.kinds)},
         "bed": asdict(bed_opts),
         "fault_list": [asdict(f) for f in inj.faults],
@@ -686,6 +689,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fleets", type=int, default=2)
     p.add_argument("--devices-per-fleet", type=int, default=4)
     p.add_argument("--no-agent", action="store_true", help="no llama.cpp agent")
+    p.add_argument("--agent-share", type=float, default=0.15,
+                   help="share of the requests that are the agent's user's (default 0.15)")
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--policy", default="disco")
     return p
@@ -708,14 +713,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad or not kinds:
         print(f"unknown fault kind(s) {bad}; known: {', '.join(FAULT_KINDS)}", file=sys.stderr)
         return 2
-    if a.duration <= 0 or a.kill_every <= 0 or a.rate <= 0:
-        print("--duration, --kill-every and --rate must be > 0", file=sys.stderr)
+    if a.duration <= 0 or a.kill_every <= 0 or a.rate <= 0 or not 0 <= a.agent_share <= 1:
+        print("--duration, --kill-every and --rate must be > 0, --agent-share in [0, 1]",
+              file=sys.stderr)  # fmt: skip
         return 2
     opts = ChaosOptions(duration_s=a.duration, kill_every_s=a.kill_every, seed=a.seed,
                         out=a.out, rate=a.rate, kinds=kinds, drain_s=a.drain,
                         replicas=a.replicas, fleets=a.fleets,
                         devices_per_fleet=a.devices_per_fleet, agent=not a.no_agent,
-                        budget=a.budget, policy=a.policy)  # fmt: skip
+                        agent_share=a.agent_share, budget=a.budget,
+                        policy=a.policy)  # fmt: skip
     _sigterm_as_interrupt()
     s = run_chaos(opts)
     for k in HEADLINE:

@@ -51,6 +51,12 @@ SERVER_PROFILE = {
 }  # fmt: skip
 
 
+# On a loaded machine Serve's HTTP proxy can take longer than the 5 s Serve gives it to become
+# ready; Serve then kills it and serve.start() fails. The Ray this bed starts gives it 60 s (and
+# a testbed that still fails to come up is started again, twice at most).
+SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+
+
 @dataclass(frozen=True)
 class BedOptions:
     seed: int = 0
@@ -169,14 +175,23 @@ class ChaosBed:
 
     # ---- up and down ------------------------------------------------------------------------
 
-    def start(self) -> ChaosBed:
+    def start(self, attempts: int = 3) -> ChaosBed:
         from disco.cluster.runtime import Testbed
 
         cfg = self.config
         bare = replace(cfg, fleet=replace(cfg.fleet, devices=0),
                        agent=replace(cfg.agent, enabled=False))  # fmt: skip
+        for name, value in SERVE_ENV.items():  # read by the Ray this bed starts
+            os.environ.setdefault(name, value)
         try:
-            self.tb = Testbed.start(bare)
+            for attempt in range(attempts):
+                try:  # Testbed.start tears down what it started when it fails
+                    self.tb = Testbed.start(bare)
+                    break
+                except Exception:
+                    if attempt == attempts - 1:
+                        raise
+                    time.sleep(2.0)
             self.tb.config = cfg  # what shutdown and the devices read
             for i in range(self.opts.fleets):
                 self.start_fleet(i)
@@ -249,14 +264,14 @@ class ChaosBed:
 
     # ---- what is up -------------------------------------------------------------------------
 
-    def targets(self) -> dict[str, str]:
-        """Every live device's API: the agent's, then the fleets' (device id -> base URL)."""
-        out: dict[str, str] = {}
+    def targets(self) -> dict[str, str | None]:
+        """Every device: the agent's API, then the fleets' (device id -> base URL; None while
+        its fleet actor is dead)."""
+        out: dict[str, str | None] = {}
         if self.agent_url:
             out[self.config.agent.device_id] = self.agent_url
         for slot in self.fleets.values():
-            if slot.up:
-                out.update(slot.urls)
+            out.update({d: u if slot.up else None for d, u in slot.urls.items()})
         return out
 
     def fleet_of(self, device_id: str) -> int | None:

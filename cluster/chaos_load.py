@@ -2,10 +2,10 @@
 user received them.
 
 Arrivals are Poisson at ``rate`` per second (seeded), bounded in count (``max_requests``) and
-time (``duration_s``, then at most ``drain_s`` for the streams still open). Each request goes to
-one live device's OpenAI API (``targets()`` says which are up now: a user whose phone is off sends
-nothing): the agent with probability ``agent_share`` while it is up, else a fleet device chosen
-uniformly. Every SSE chunk is recorded with its time, its ``disco.index`` (the token's index in
+time (``duration_s``, then at most ``drain_s`` for the streams still open). Each request belongs
+to one device's user: the agent with probability ``agent_share``, else a fleet device chosen
+uniformly; it goes to that device's OpenAI API, or nowhere while that device is dead (a user whose
+phone is off sends nothing, and no other device gets the request: ``skipped``). Every SSE chunk is recorded with its time, its ``disco.index`` (the token's index in
 the whole response, as the device agent numbered it) and its ``disco.source``: duplicates, order
 and completeness are judged from exactly what the user got. Loopback only, ``httpx`` in the
 caller's event loop (never Locust: it must not share a process with Ray).
@@ -101,14 +101,14 @@ class OpenLoop:
     def __init__(
         self,
         opts: LoadOptions,
-        targets: Callable[[], dict[str, str]],
+        targets: Callable[[], dict[str, str | None]],
         clock_origin: float | None = None,
     ) -> None:
         self.opts = opts
-        self.targets = targets
+        self.targets = targets  # every device id -> its API's URL, None while it is dead
         self.t0 = time.monotonic() if clock_origin is None else clock_origin
         self.records: list[StreamRecord] = []
-        self.skipped = 0  # arrivals with no device up at all
+        self.skipped = 0  # arrivals whose device was dead: not sent
         self._tasks: set[asyncio.Task] = set()
         self.stopped = False
 
@@ -145,32 +145,32 @@ class OpenLoop:
                 delay = due - self.now()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                up = self.targets()
-                if not up:
-                    self.skipped += 1
-                    continue
-                device = self._pick(up, rng)
+                devices = self.targets()
+                device = self._pick(devices, rng)
+                url = devices.get(device)
                 lo, hi = o.prompt_words
                 words = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
-                rec = StreamRecord(
-                    len(self.records), device, self.now(), words,
-                    int(rng.integers(o.max_tokens[0], o.max_tokens[1] + 1)),
-                )  # fmt: skip
-                self.records.append(rec)
+                max_tokens = int(rng.integers(o.max_tokens[0], o.max_tokens[1] + 1))
                 prompt = prompt_text(words, rng)
+                if url is None:
+                    self.skipped += 1
+                    continue
+                rec = StreamRecord(len(self.records), device, self.now(), words, max_tokens)
+                self.records.append(rec)
                 rec.prompt_tokens = estimate_tokens(prompt)
                 body = {"prompt": prompt, "max_tokens": rec.max_tokens, "stream": True,
                         "temperature": 0.0}  # fmt: skip
-                task = asyncio.create_task(self._one(client, up[device], body, rec))
+                task = asyncio.create_task(self._one(client, url, body, rec))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             await self._drain()
         return self.records
 
-    def _pick(self, up: dict[str, str], rng: np.random.Generator) -> str:
+    def _pick(self, devices: dict[str, str | None], rng: np.random.Generator) -> str:
         agent = self.opts.agent_id
-        fleet = sorted(d for d in up if d != agent)
-        if agent in up and (not fleet or rng.random() < self.opts.agent_share):
+        fleet = sorted(d for d in devices if d != agent)
+        share = rng.random()  # drawn for every arrival: the same draws whoever is up
+        if agent in devices and (not fleet or share < self.opts.agent_share):
             return agent
         return fleet[int(rng.integers(0, len(fleet)))]
 

@@ -81,7 +81,9 @@ class SnapshotPlanner:
         self.guard = LeaseGuard(budget if snapshot is None else snapshot.budget)
         self.batch = OutcomeBatch(self.regime, max_samples)
         self.stats = SnapshotPlannerStats()
-        self._server_start: dict[str, float | None] = {}
+        # request id -> (planned server start, prompt tokens) until its outcome is reported
+        self._inflight: dict[str, tuple[float | None, float]] = {}
+        self._inflight_tokens = 0.0
         self._planned_tokens = 0.0
         self._plans_at_sync = 0
         self._sync_ok = snapshot is not None
@@ -129,7 +131,11 @@ class SnapshotPlanner:
         self._planned_tokens += length
         s, d = starts
         server = None if math.isnan(s) else s
-        self._server_start[request.id] = server
+        prev = self._inflight.get(request.id)
+        if prev is not None:
+            self._inflight_tokens -= prev[1]
+        self._inflight[request.id] = (server, length)
+        self._inflight_tokens += length
         plan = Plan(request.id, server, None if math.isnan(d) else d, True, migration, policy)
         self.plan_s[i] = time.perf_counter() - t0
         return plan
@@ -139,7 +145,8 @@ class SnapshotPlanner:
 
     def report_now(self, outcome: RequestOutcome) -> None:
         self.stats.reports += 1
-        server = self._server_start.pop(outcome.request_id, None)
+        server, length = self._inflight.pop(outcome.request_id, (None, 0.0))
+        self._inflight_tokens = self._inflight_tokens - length if self._inflight else 0.0
         self.batch.add(outcome, server)
         self.guard.settle(outcome.request_id, float(constrained_spend(outcome, self.regime)))
 
@@ -152,6 +159,7 @@ class SnapshotPlanner:
         self._planned_tokens = 0.0
         plans, self._plans_at_sync = self.stats.plans - self._plans_at_sync, self.stats.plans
         msg = {"holder": self.holder, "devices": self.devices, "plans": plans,
+               "inflight_tokens": self._inflight_tokens, "inflight_spent": self.guard.reserved,
                "batch": batch.to_wire() if len(batch) else None, "planned_tokens": planned,
                "version": 0 if self.snapshot is None else self.snapshot.version}  # fmt: skip
         return msg, batch, planned

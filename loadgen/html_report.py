@@ -40,10 +40,10 @@ REPORT_NAME = "report.html"
 # under "provenance".
 PROVENANCE_KEYS = ("date", "commit", "versions", "machine", "seed", "command")
 # disco load's summary, in the order the CLI prints it: the run, then who served and what it cost.
-RUN_KEYS = ("label", "mode", "concurrency", "requests", "ok", "errors", "sent", "scheduled",
-            "duration_s", "offered_rate_per_s", "ok_per_s", "output_tokens_per_s", "tokens",
-            "ttft_mean_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tbt_mean_s", "tbt_p50_s",
-            "tbt_p99_s", "qoe_mean", "slo_attainment", "goodput_per_s", "slo_met", "send_lag_p50_s",
+RUN_KEYS = ("label", "mode", "concurrency", "workers", "requests", "ok", "errors", "sent",
+            "scheduled", "duration_s", "offered_rate_per_s", "ok_per_s", "output_tokens_per_s",
+            "tokens", "ttft_mean_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tbt_mean_s",
+            "tbt_p50_s", "tbt_p99_s", "qoe_mean", "slo_attainment", "goodput_per_s", "slo_met", "send_lag_p50_s",
             "send_lag_p99_s", "send_lag_max_s", "interrupted")  # fmt: skip
 SPLIT_KEYS = ("first_from_server", "first_from_device", "first_from_unknown", "tokens_server",
               "tokens_device", "tokens_unknown_source", "handovers", "requests_with_handover",
@@ -55,6 +55,7 @@ PHASE_KEYS = ("warmup_s", "ramp_s", "cooldown_s", "measured_from_s", "measured_t
 # Headers for keys the CLI's tables do not name.
 EXTRA_HEADERS = {
     "ok": "ok", "sent": "sent", "scheduled": "scheduled", "mode": "mode", "tokens": "tokens",
+    "workers": "Locust workers",
     "output_tokens_per_s": "output tokens/s", "send_lag_p50_s": "send lag P50 ms",
     "send_lag_max_s": "send lag max ms", "interrupted": "interrupted",
     "first_from_unknown": "1st tok untagged", "tokens_unknown_source": "tokens untagged",

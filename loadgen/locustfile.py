@@ -9,6 +9,15 @@ In closed loop (``ClosedLoopUser``, ``disco load --concurrency N``: N users) the
 :class:`~disco.loadgen.pacer.ClosedLoop`: a request is due as soon as a user claims it, so each
 user sends its next request when its previous one has ended, in the schedule's order.
 
+In Locust's distributed mode (``disco load --workers N``: one ``--master``, N ``--worker``
+processes) each worker is told its index (``DISCO_LOAD_WORKER=i/N``) and replays only the
+schedule's positions ``p % N == i`` with its own pacer; every worker's pacer starts at the same
+wall-clock time zero (``DISCO_LOAD_T0``, or the master's, sent to the workers as the test starts),
+so together they send the whole schedule once, on its timeline. A worker that has sent and heard
+back its share tells the master; the master ends the run when every worker still connected is
+done (one that dies stops being connected after Locust's heartbeat timeout, ~3 s). Each worker
+writes its own records and progress files, which ``disco.loadgen.runner`` merges.
+
 TTFT is taken inside the streaming loop at the first non-empty token (Locust's own timing of
 ``stream=True`` stops at the headers), every token gets its own arrival time, and the results go
 to Locust's statistics as custom entries (``TTFT``, ``TBT``, ``completion``: the web UI and
@@ -22,22 +31,34 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import gevent
 from locust import FastHttpUser, constant, events, task
 from locust.env import Environment
+from locust.runners import MasterRunner, WorkerRunner
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
 from disco.loadgen.pacer import ClosedLoop, Pacer
 from disco.loadgen.records import RecordWriter, RequestRecord
 from disco.loadgen.schedule import ScheduledRequest, read_schedule
-from disco.loadgen.spec import SPEC_ENV, LoadSpec
+from disco.loadgen.spec import (
+    SPEC_ENV,
+    T0_ENV,
+    WORKER_ENV,
+    LoadSpec,
+    parse_worker,
+    share,
+    worker_path,
+)
 from disco.scheduler.wire import SSEDecoder
 
 log = logging.getLogger("disco.loadgen")
 KIND = "SSE"  # request_type of the custom entries
+# Custom messages between Locust's master and its workers (distributed mode).
+T0_MSG = "disco_t0"  # master -> workers: {"t0_epoch": wall-clock time zero of the schedule}
+DONE_MSG = "disco_done"  # worker -> master: its share is sent and answered
 
 
 @dataclass
@@ -54,14 +75,20 @@ class ReplayRun:
     errors: int = 0
     quitting: bool = False
     open_records: dict[str, RequestRecord] = field(default_factory=dict)
+    worker: int | None = None  # distributed mode: this worker's index
+    finished: bool = False  # every request of this process's share sent and answered
+    master_t0_epoch: float | None = None  # distributed mode: time zero, from the master
 
     @classmethod
     def from_env(cls) -> ReplayRun:
-        path = os.environ.get(SPEC_ENV)
-        if not path:
-            raise RuntimeError(f"{SPEC_ENV} is not set: run this locustfile through `disco load`")
-        spec = LoadSpec.read(path)
+        spec = _spec()
         reqs = read_schedule(spec.schedule)
+        worker = None
+        if os.environ.get(WORKER_ENV):
+            worker, n = parse_worker(os.environ[WORKER_ENV])
+            reqs = [reqs[p] for p in share(len(reqs), worker, n)]
+            spec = replace(spec, records=str(worker_path(spec.records, worker)),
+                           progress=str(worker_path(spec.progress, worker)))  # fmt: skip
         pacer: Pacer | ClosedLoop
         if spec.mode == "closed":
             pacer = ClosedLoop(len(reqs), spec.duration_s)
@@ -69,16 +96,39 @@ class ReplayRun:
             pacer = Pacer(
                 [r.due for r in reqs], late_s=spec.late_s, warn=log.warning, spin_s=spec.spin_s
             )
-        return cls(spec, reqs, pacer, RecordWriter(spec.records))
+        return cls(spec, reqs, pacer, RecordWriter(spec.records), worker=worker)
 
     def progress(self) -> dict:
         s = self.pacer.stats()
         return {
+            "worker": self.worker, "finished": self.finished,
             "total": s.total, "sent": s.sent, "done": self.done, "errors": self.errors,
             "inflight": self.inflight, "late": s.late, "late_no_user": s.late_no_user,
             "max_lag_s": round(s.max_lag_s, 4),
             "elapsed_s": round(max(0.0, time.monotonic() - self.pacer.t0), 2) if self.pacer.started else 0.0,
         }  # fmt: skip
+
+
+@dataclass
+class MasterState:
+    """The ``--master`` process's part (it sends nothing): time zero, and which workers are done."""
+
+    start_lead_s: float
+    done: set[str] = field(default_factory=set)  # Locust client ids
+    t0_epoch: float | None = None
+    started: set[str] = field(default_factory=set)  # the workers connected at the start
+
+
+def _spec() -> LoadSpec:
+    path = os.environ.get(SPEC_ENV)
+    if not path:
+        raise RuntimeError(f"{SPEC_ENV} is not set: run this locustfile through `disco load`")
+    return LoadSpec.read(path).located(path)
+
+
+def _t0_env() -> float | None:
+    text = os.environ.get(T0_ENV)
+    return float(text) if text else None
 
 
 def body_reader(resp: Any) -> Any:
@@ -96,9 +146,24 @@ def body_reader(resp: Any) -> Any:
 
 @events.init.add_listener
 def _on_init(environment: Environment, **_kw) -> None:
+    runner = environment.runner
+    if isinstance(runner, MasterRunner):  # sends nothing: no schedule, no records
+        master = MasterState(_spec().start_lead_s)
+        environment.disco_master = master  # type: ignore[attr-defined]
+        runner.register_message(DONE_MSG, lambda environment, msg: _on_done(environment, msg))
+        return
+    if isinstance(runner, WorkerRunner) and not os.environ.get(WORKER_ENV):
+        raise RuntimeError(f"a Locust --worker needs {WORKER_ENV}=INDEX/COUNT (e.g. 0/2): "
+                           "which share of the schedule it sends")  # fmt: skip
     run = ReplayRun.from_env()
     environment.disco_run = run  # type: ignore[attr-defined]
     StreamingUser.network_timeout = run.spec.request_timeout_s  # before any user is spawned
+    if isinstance(runner, WorkerRunner):
+
+        def on_t0(environment: Environment, msg: Any, **_kw: Any) -> None:
+            run.master_t0_epoch = float(msg.data["t0_epoch"])
+
+        runner.register_message(T0_MSG, on_t0)
     _warm_up({r.target for r in run.requests})
 
 
@@ -123,15 +188,72 @@ def _warm_up(targets: set[str]) -> None:
 
 @events.test_start.add_listener
 def _on_start(environment: Environment, **_kw) -> None:
+    master: MasterState | None = getattr(environment, "disco_master", None)
+    if master is not None:
+        # Fired once every expected worker has connected, before their users are spawned; the
+        # message reaches each worker before its spawn order (one ordered connection each).
+        master.t0_epoch = _t0_env() or time.time() + master.start_lead_s
+        runner = environment.runner
+        assert runner is not None
+        runner.send_message(T0_MSG, {"t0_epoch": master.t0_epoch})
+        gevent.spawn(_end_when_workers_done, environment, master)
+        return
     run: ReplayRun = environment.disco_run  # type: ignore[attr-defined]
     # Users are spawned after this event, so they all meet the same time zero.
-    run.pacer.start(time.monotonic() + run.spec.start_lead_s)
-    run.t0_epoch = time.time() + run.spec.start_lead_s
+    if isinstance(environment.runner, WorkerRunner):
+        t0_epoch = _t0_env() or run.master_t0_epoch
+        if t0_epoch is None:
+            log.warning("no time zero from the master: this worker starts on its own clock")
+            t0_epoch = time.time() + run.spec.start_lead_s
+        # The wall clock fixes the origin once; the pacer then runs on the monotonic clock.
+        run.pacer.start(time.monotonic() + (t0_epoch - time.time()))
+        run.t0_epoch = t0_epoch
+    else:
+        run.pacer.start(time.monotonic() + run.spec.start_lead_s)
+        run.t0_epoch = time.time() + run.spec.start_lead_s
     gevent.spawn(_write_progress, run)
+
+
+def _on_done(environment: Environment, msg: Any) -> None:
+    master: MasterState = environment.disco_master  # type: ignore[attr-defined]
+    master.done.add(msg.node_id)
+    log.info("worker %s (index %s) has sent and heard back its share", msg.node_id,
+             (msg.data or {}).get("worker"))  # fmt: skip
+
+
+def _end_when_workers_done(environment: Environment, master: MasterState) -> None:
+    """Quit once every worker still connected has reported its share done. A worker that dies
+    drops out of the connected ones when Locust's heartbeat misses it (~3 s); with --run-time
+    as the hard bound, the run never waits on a dead worker."""
+    runner = environment.runner
+    assert isinstance(runner, MasterRunner)
+
+    def alive() -> set[str]:
+        return {c.id for c in runner.clients.ready + runner.clients.spawning
+                + runner.clients.running}  # fmt: skip
+
+    master.started = alive()
+    while True:
+        gevent.sleep(0.25)
+        if alive() <= master.done:
+            if master.started - master.done:
+                log.warning("ending with %d of %d workers done (the others were lost)",
+                            len(master.started & master.done), len(master.started))  # fmt: skip
+            gevent.spawn(runner.quit)  # quit() kills the runner's greenlets, not this one
+            return
 
 
 @events.quitting.add_listener
 def _on_quitting(environment: Environment, **_kw) -> None:
+    if getattr(environment, "disco_master", None) is not None:
+        runner = environment.runner
+        if isinstance(runner, MasterRunner) and runner.clients.all:
+            # Stopped early (Ctrl-C, --run-time): quit the workers now, not after this event, so
+            # their last reports (the requests they cut off) reach the CSV written below.
+            runner.quit()
+        # The master writes --csv (from the workers' reports): one more round, as below.
+        gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.2)
+        return
     run: ReplayRun | None = getattr(environment, "disco_run", None)
     if run is None:
         return
@@ -146,6 +268,8 @@ def _on_quitting(environment: Environment, **_kw) -> None:
     run.open_records.clear()
     _dump_progress(run)
     run.writer.close()
+    if run.worker is not None:
+        return  # a worker writes no CSV: its statistics went to the master
     # Locust's --csv writer runs every CSV_STATS_INTERVAL_SEC and not again at shutdown: let it
     # run once more so the CSV holds the final statistics.
     gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.2)
@@ -218,7 +342,7 @@ class StreamingUser(FastHttpUser):
         rec = RequestRecord(
             id=req.id, target=req.target, due=slot.due, sent=sent_at - run.pacer.t0,
             prompt_tokens=req.prompt_tokens, max_tokens=req.max_tokens, session=req.session,
-            user=getattr(self, "index", None),
+            user=getattr(self, "index", None), worker=run.worker,
         )  # fmt: skip
         run.inflight += 1
         run.open_records[req.id] = rec
@@ -291,9 +415,16 @@ class StreamingUser(FastHttpUser):
     def _maybe_finish(self, run: ReplayRun) -> None:
         # Every request handed out was answered, and no more will be (the schedule is used up,
         # or a closed loop's duration has passed).
-        if run.pacer.exhausted and run.done >= run.pacer.stats().claimed and not run.quitting:
-            run.quitting = True
+        if run.quitting or run.finished:
+            return
+        if run.pacer.exhausted and run.done >= run.pacer.stats().claimed:
+            run.finished = True
             runner = self.environment.runner
+            if isinstance(runner, WorkerRunner):  # the master ends the run when all are done
+                _dump_progress(run)
+                runner.send_message(DONE_MSG, {"worker": run.worker, "sent": run.done})
+                return
+            run.quitting = True
             if runner is not None:
                 gevent.spawn(runner.quit)  # not from this greenlet: quit() kills the users
 

@@ -34,6 +34,9 @@ class RequestRecord:
     extra: dict[str, Any] = field(default_factory=dict)
     # The Locust user that sent it (closed loop: each user's requests follow one another).
     user: int | None = None
+    # The Locust worker process that sent it (``disco load --workers N``: 0..N-1); None when
+    # one Locust process sent everything.
+    worker: int | None = None
     # Set after the run (disco.loadgen.phases, disco.loadgen.slo): "warmup", "measured" or
     # "cooldown" by its scheduled send time (only "measured" ones enter the summary and the
     # figures); whether it met every part of the run's SLO (None: no SLO) and which it missed.

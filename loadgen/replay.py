@@ -23,6 +23,14 @@ from .runner import RunResult, format_progress, run_locust
 from .schedule import ScheduledRequest, build_schedule, write_schedule
 from .spec import LoadSpec
 
+WORKERS_NOTE = (
+    "workers: Locust's distributed mode, one master and this many worker processes, worker i "
+    "sending the schedule's positions p with p % workers == i on one shared time zero; "
+    "sent_per_worker: requests each sent (each record's `worker`); workers_unfinished: the "
+    "workers that died or stopped before their share was sent and answered, and why; "
+    "send_lag_*: a request's send time minus its scheduled time, whichever worker sent it"
+)
+
 
 class TargetError(ValueError):
     """A target URL is malformed or nothing answers there."""
@@ -44,6 +52,9 @@ class ReplayOptions:
     counters: bool = True  # read the targets' /metrics before and after (see counters.py)
     nice: int = 0  # < 0: raise Locust's CPU priority (see run_locust)
     spin_s: float = 0.001  # see Pacer.spin_s (1 ms: sub-ms send error for ~5% of a core at 50/s)
+    # Locust's distributed mode: one master and this many local worker processes, each sending
+    # its share of an open-loop schedule (see disco.loadgen.runner); None: one Locust process.
+    workers: int | None = None
     # Closed loop: ``concurrency`` users, each sending its next request when its previous one
     # ends (the schedule's send times are ignored), for at most ``run_s`` seconds.
     concurrency: int | None = None
@@ -135,7 +146,7 @@ def replay(
     before = agent_counters.read_all(targets) if opts.counters else None
     users = opts.concurrency if closed else opts.users
     run = run_locust(spec, out, reqs, users=users, on_progress=show, html=opts.html,
-                     nice=opts.nice)  # fmt: skip
+                     nice=opts.nice, workers=opts.workers, say=say)  # fmt: skip
     records = read_records(records_path)
     # Phase and SLO flags on every record, kept in requests.jsonl; only the measured ones
     # enter the summary and the figures.
@@ -151,6 +162,14 @@ def replay(
     summary["sent"] = len(records)
     summary["mode"] = spec.mode
     summary["concurrency"] = opts.concurrency
+    # Locust processes that sent: 1 (one local process) or the distributed run's workers, with
+    # how many requests each sent and any that did not finish its share (index -> why).
+    summary["workers"] = run.workers or 1
+    summary["locust"] = "distributed" if run.workers else "local"
+    if run.workers:
+        summary["sent_per_worker"] = [sum(1 for r in records if r.worker == i)
+                                      for i in range(run.workers)]  # fmt: skip
+        summary["workers_unfinished"] = {str(i): why for i, why in (run.unfinished or {}).items()}
     summary["offered_rate_per_s"] = None if closed else _offered(reqs, window)
     summary.update(window)
     summary["interrupted"] = run.interrupted
@@ -160,6 +179,8 @@ def replay(
     notes["phases"] = run_phases.NOTE
     if opts.slo is not None:
         notes["slo"] = run_slo.NOTE
+    if run.workers:
+        notes["workers"] = WORKERS_NOTE
     summary["notes"] = notes  # last: the prose after the numbers
     write_json(out / "summary.json", summary)
     if opts.plots and counted:

@@ -66,6 +66,7 @@ class LeaseGuard:
     received_at: float = -float("inf")
     bucket: float = 0.0  # constrained prompt tokens it may still commit
     outstanding: dict[str, float] = field(default_factory=dict)  # request id -> reservation
+    reserved: float = 0.0  # sum of ``outstanding``: expected spend of the plans in flight
     seen_total: float = 0.0  # prompt tokens of every request this holder planned
     spent_total: float = 0.0  # constrained tokens committed (settled to actual spend)
     denied: int = 0  # plans that wanted the constrained endpoint and were refused it
@@ -108,14 +109,17 @@ class LeaseGuard:
         if prev is not None:  # re-planned id: drop its earlier reservation
             self.bucket += prev
             self.spent_total -= prev
+            self.reserved -= prev
         if reserve > 0.0:
             self.outstanding[request_id] = reserve
             self.bucket -= reserve
             self.spent_total += reserve
+            self.reserved += reserve
 
     def settle(self, request_id: str, spent: float) -> None:
         """The outcome is known: its reservation becomes the constrained tokens it spent."""
         reserve = self.outstanding.pop(request_id, 0.0)
+        self.reserved = max(0.0, self.reserved - reserve) if self.outstanding else 0.0
         self.bucket -= spent - reserve  # a hedge that fired, a migration's prefill: charged now
         self.spent_total += spent - reserve
 
@@ -139,6 +143,8 @@ class _Holder:
     seen: float = 0.0  # reported, lifetime
     spent: float = 0.0
     lost: bool = False
+    inflight_seen: float = 0.0  # prompt tokens it planned that are not reported yet
+    inflight_spent: float = 0.0  # their reserved constrained spend
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,8 +183,10 @@ class LeaseBook:
             return sum(per_device) / len(per_device) * devices
         return self.config.initial_tokens_s
 
-    def report(self, holder: str, devices: int, seen: float, spent: float, now: float) -> None:
-        """A holder's sync: ``seen``/``spent`` prompt tokens since its last one."""
+    def report(self, holder: str, devices: int, seen: float, spent: float, now: float,
+               inflight: tuple[float, float] = (0.0, 0.0)) -> None:  # fmt: skip
+        """A holder's sync: ``seen``/``spent`` prompt tokens since its last one; ``inflight``:
+        (prompt tokens, reserved spend) of its plans not reported yet."""
         h = self.holders.get(holder)
         if h is None:  # first contact: the rate of its peers per device, or the guess
             rate = max(self._rate_of_new(devices), seen / self.config.period_s)
@@ -194,6 +202,7 @@ class LeaseBook:
         h.devices, h.last_sync = devices, now
         h.seen += seen
         h.spent += spent
+        h.inflight_seen, h.inflight_spent = inflight
 
     def grant(
         self, holder: str, now: float, b_alloc: float | None, window_seen: float,
@@ -214,8 +223,12 @@ class LeaseBook:
         cap = share * mine * cfg.bucket_s
         refill = share * mine * max(elapsed, 0.0)
         if 0.0 < b < 1.0 and total > 0:
-            # The window's room under b + slack over the next period, shared out by rate.
-            room = (b + GUARD_SLACK) * (window_seen + total * cfg.period_s) - window_spent
+            # The room under b + slack over the next period (the window and what is in flight,
+            # as the central guard counts it), shared out by rate.
+            in_seen, in_spent = self.inflight()
+            room = (b + GUARD_SLACK) * (window_seen + in_seen + total * cfg.period_s) - (
+                window_spent + in_spent
+            )
             mine_room = max(0.0, room) * mine / total
             cap, refill = min(cap, mine_room), min(refill, mine_room)
         if b >= 1.0:
@@ -227,6 +240,12 @@ class LeaseBook:
         self.leases_issued += 1
         return Lease(holder, h.lease_id, refill, cap, b, cfg.period_s,
                      cfg.period_s * cfg.expire_periods)  # fmt: skip
+
+    def inflight(self) -> tuple[float, float]:
+        """(prompt tokens, reserved constrained spend) planned by live holders, not yet reported:
+        what the budget window does not hold yet."""
+        live = [h for h in self.holders.values() if not h.lost]
+        return sum(h.inflight_seen for h in live), sum(h.inflight_spent for h in live)
 
     def expire(self, now: float) -> list[str]:
         """Holders silent past their lease: lost (counted once until they sync again)."""

@@ -16,7 +16,7 @@ Pure: the caller passes both clocks (``now``: monotonic, for cadence and lease e
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .lease import LeaseBook, LeaseConfig
@@ -61,14 +61,18 @@ class SnapshotPublisher:
     def set_policy(self, policy: Any, config_version: int) -> None:
         """Use ``policy`` from now on (a reconfigure): the next sync gets its snapshot."""
         policy.defer_fits = True
+        if hasattr(policy.config, "feedback_counts_inflight"):
+            policy.config = replace(policy.config, feedback_counts_inflight=True)
         self.policy = policy
         self.config_version = config_version
         self.book.budget = float(policy.config.budget)
         self.snapshot = None
 
     def ingest(self, holder: str, devices: int, batch: dict[str, Any] | None,
-               planned_tokens: float, now: float) -> BatchTotals:  # fmt: skip
-        """Learn from a holder's wire batch; returns its exact totals (for the ledger)."""
+               planned_tokens: float, now: float,
+               inflight: tuple[float, float] = (0.0, 0.0)) -> BatchTotals:  # fmt: skip
+        """Learn from a holder's wire batch; returns its exact totals (for the ledger).
+        ``inflight``: (prompt tokens, reserved spend) of its plans not reported yet."""
         totals = BatchTotals()
         spent = 0.0
         if batch is not None:
@@ -82,7 +86,11 @@ class SnapshotPublisher:
             regime = self.policy.regime
             spent = float(totals.device_prompt_tokens if regime.value == "device"
                           else totals.server_prompt_tokens)  # fmt: skip
-        self.book.report(holder, devices, float(planned_tokens), spent, now)
+        self.book.report(holder, devices, float(planned_tokens), spent, now, inflight)
+        # [R] The policy's budget feedback counts what is planned but not reported yet (every
+        # live holder's plans in flight), as the central guard does: outcomes arrive a whole
+        # stream later, and a feedback blind to them overshoots, then stops spending.
+        self.policy.inflight_seen, self.policy.inflight_spent = self.book.inflight()
         return totals
 
     def current(self, now: float, wall: float) -> PolicySnapshot:
@@ -107,8 +115,9 @@ class SnapshotPublisher:
         (wire), ``sync_s``; and the batch's totals for the caller's ledger."""
         t0 = time.thread_time()
         holder = str(msg["holder"])
+        inflight = (float(msg.get("inflight_tokens", 0.0)), float(msg.get("inflight_spent", 0.0)))
         totals = self.ingest(holder, int(msg.get("devices", 1)), msg.get("batch"),
-                             float(msg.get("planned_tokens", 0.0)), now)  # fmt: skip
+                             float(msg.get("planned_tokens", 0.0)), now, inflight)  # fmt: skip
         snap = self.current(now, wall)
         lease = self.book.grant(holder, now, getattr(self.policy, "b_eff", None),
                                 self.policy.budget_seen, self.policy.budget_spent)  # fmt: skip

@@ -216,14 +216,21 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     if args.scheduler:
         planner = _connect(args)
+        actor = planner.actor
         sched = planner.fallback.config or {}
+        if sched.get("planning") == "snapshot":  # plan here from snapshots (issue 11)
+            from disco.cluster.snapshot_client import snapshot_planner
+
+            planner = snapshot_planner(planner.actor, f"agent.{cfg.device_id}", sched)
         server_profile = sched.get("server_profile", DEFAULT_SERVER_PROFILE)
         device_profile = args.device_profile or sched.get("device_profile", DEFAULT_DEVICE_PROFILE)
         planning = f"scheduler {args.scheduler_name!r} at {args.scheduler}"
         if sched:
+            tail = (f"planned here from its snapshots, synced every {sched.get('sync_s', 0.5):g} s"
+                    if sched.get("planning") == "snapshot"
+                    else f"local fallback after {cfg.planner_timeout_ms:g} ms")
             planning += (f" ({sched['policy']}, regime {sched['regime']}, budget "
-                         f"{sched['budget']:g}; local fallback after "
-                         f"{cfg.planner_timeout_ms:g} ms)")  # fmt: skip
+                         f"{sched['budget']:g}; {tail})")  # fmt: skip
     else:
         planning = local_defaults(args)
         server_profile, device_profile = args.server_profile, args.device_profile
@@ -256,11 +263,11 @@ def run(args: argparse.Namespace) -> int:
         f"server {args.server}); planning: {planning}",
         flush=True,
     )
-    sig = asyncio.run(_serve(agent, http, args, planner if args.scheduler else None))
+    sig = asyncio.run(_serve(agent, http, args, actor if args.scheduler else None))
     return 130 if sig == signal.SIGINT else 0
 
 
-async def _serve(agent: Any, http: Any, args: argparse.Namespace, scheduled: Any) -> int:
+async def _serve(agent: Any, http: Any, args: argparse.Namespace, actor: Any) -> int:
     """Serve until SIGTERM/SIGINT, then drain (``disco.device_agents.drain``); returns the
     signal. With a scheduler, register with it every HEARTBEAT_S (``disco status`` lists this
     agent and its counters) and unregister at the end."""
@@ -272,8 +279,8 @@ async def _serve(agent: Any, http: Any, args: argparse.Namespace, scheduled: Any
 
     drain = Drain()
     beat = None
-    if scheduled is not None:
-        beat = asyncio.get_running_loop().create_task(_heartbeat(scheduled.actor, agent, http))
+    if actor is not None:
+        beat = asyncio.get_running_loop().create_task(_heartbeat(actor, agent, http))
     try:
         app = create_app(agent, http, drain=drain)
         return await serve_until_signalled(app, http.host, http.port, drain, args.grace_s,
@@ -282,10 +289,12 @@ async def _serve(agent: Any, http: Any, args: argparse.Namespace, scheduled: Any
         if beat is not None:
             beat.cancel()
             with contextlib.suppress(BaseException):
-                await asyncio.wait_for(
-                    scheduled.actor.unregister.remote(agent.config.device_id), 2.0
-                )
+                await asyncio.wait_for(actor.unregister.remote(agent.config.device_id), 2.0)
         await agent.drain()  # the planner reports still in flight
+        close = getattr(agent.planner, "close", None)
+        if close is not None:  # a snapshot holder sends its last batch (one bounded try)
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(close(), 10.0)
 
 
 async def _heartbeat(actor: Any, agent: Any, http: Any) -> None:

@@ -14,6 +14,10 @@ one of these per point into ``DIR/<point>/`` and then write ``DIR/sweep.json``/`
 (``disco.loadgen.sweep``). Every summary.json and sweep.json carries the commit, package
 versions, seed, machine and full command (``disco.cluster.provenance``).
 
+``--workers N`` runs Locust's own distributed mode (open loop): one headless ``--master`` and N
+local ``--worker`` processes, each sending its share of the schedule on one shared clock; their
+records are merged into the one report (``disco.loadgen.runner``).
+
 ``disco load --overlay DIR,DIR,... --out DIR`` sends nothing: it draws finished runs (each one's
 ``--label``) on one figure and tabulates them side by side (``disco.loadgen.overlay``).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +68,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-scale", type=float, default=1.0,
                    help="multiply the trace's prompt lengths (before the cap), e.g. 0.125")  # fmt: skip
     p.add_argument("--users", type=int, help="Locust users (default: enough for peak concurrency)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="open loop: run Locust distributed, one --master and N local --worker "
+                   "processes, worker i sending the schedule's requests i, i+N, ... on one shared "
+                   "clock (default: one Locust process)")  # fmt: skip
     p.add_argument("--routing", choices=("round-robin", "session"), default="round-robin")
     p.add_argument("--tokenizer", default="auto",
                    help="prompt sizing: auto (SmolLM2 vocabulary if installed), estimate, or a .gguf")  # fmt: skip
@@ -127,6 +136,16 @@ class Plan:
 
 
 def run(args: argparse.Namespace) -> int:
+    from disco.loadgen.runner import LocustRunError
+
+    try:
+        return _run(args)
+    except LocustRunError as e:  # a distributed run that could not start: not the input's fault
+        print(f"disco load: error: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     from disco.loadgen.replay import TargetError, check_reachable, parse_targets
 
     if args.overlay is not None:
@@ -156,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
         assert single is not None
         res = _run_one(args, single, targets, counter, out, args.label or "run", slo, phases, {})
         _print_run(res, out)
-        return 130 if res.run.interrupted else 0
+        if res.run.interrupted:
+            return 130
+        return 1 if res.summary.get("workers_unfinished") else 0  # a worker died: say so
     return _run_sweep(args, kind, plans, targets, counter, out, slo, phases)
 
 
@@ -166,7 +187,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise CliError(f"--{name.replace('_', '-')} must be > 0")
     if args.duration is not None and args.duration <= 0:
         raise CliError("--duration must be > 0")
-    for name in ("max_tokens", "max_prompt_tokens", "users", "requests", "concurrency"):
+    for name in ("max_tokens", "max_prompt_tokens", "users", "requests", "concurrency",
+                 "workers"):  # fmt: skip
         v = getattr(args, name)
         if v is not None and v < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1")
@@ -225,7 +247,7 @@ def _check_modes(args: argparse.Namespace, kind: str | None, closed: bool) -> No
         if kind in ("rate", "speedup"):
             raise CliError("--concurrency runs closed loop: it does not go with --rates/--speedups")
         bad = [f for f, v in (("--arrivals", args.arrivals), ("--rate", args.rate),
-               ("--users", args.users)) if v is not None]  # fmt: skip
+               ("--users", args.users), ("--workers", args.workers)) if v is not None]  # fmt: skip
         if args.speedup != 1.0:
             bad.append("--speedup")
         if bad:
@@ -327,6 +349,7 @@ def _options(args: argparse.Namespace, plan: Plan, label: str, slo, phases, meta
         prompt_scale=args.prompt_scale, users=args.users, routing=args.routing,
         model=args.model, request_timeout_s=args.request_timeout, seed=args.seed,
         concurrency=plan.concurrency, run_s=plan.run_s, phases=phases, slo=slo, meta=meta,
+        workers=args.workers,
     )  # fmt: skip
 
 
@@ -347,6 +370,9 @@ def _run_one(args, plan: Plan, targets, counter, out: Path, label: str, slo, pha
         print(f"[load] {what} to {len(targets)} target(s); building prompts ({counter.name} "
               "token counts)...", flush=True)  # fmt: skip
         reqs = prepare(plan.arrivals, targets, opts, counter)
+    if opts.workers:
+        print(f"[load] Locust distributed: one master and {opts.workers} worker process(es)",
+              flush=True)  # fmt: skip
     res = replay(reqs, out, opts, say=lambda s: print(s, flush=True))
     if plan.concurrency is not None and plan.run_s is not None:
         s = res.summary
@@ -377,6 +403,10 @@ def _print_run(res, out: Path) -> None:
             f"[load] device saturated: {s['refused']} requests refused with HTTP 429 "
             "(device_saturated): the device's queue was full and the budget kept the server out"
         )
+    for i, why in s.get("workers_unfinished", {}).items():
+        print(f"[load] worker {i} did not finish its share: {why}; the report holds what it sent")
+    if s.get("sent_per_worker"):
+        print(f"[load] {s['workers']} Locust workers sent {s['sent_per_worker']} requests")
     state = "interrupted; partial results" if res.run.interrupted else "results"
     print(f"[load] {state} in {out}/ (summary.json, requests.jsonl, locust_*.csv, *.png)")
 
@@ -404,7 +434,7 @@ def _run_sweep(args, kind: str, plans: dict, targets, counter, out: Path, slo, p
         print(f"[load] sweep over {len(plans)} concurrencies; building prompts for up to "
               f"{len(big.arrivals)} requests ({counter.name} token counts)...", flush=True)  # fmt: skip
         shared = prepare(big.arrivals, targets, opts, counter)
-    interrupted = False
+    interrupted = lost = False
     for i, (point, plan) in enumerate(plans.items()):
         print(f"[load] sweep point {i + 1}/{len(plans)}: {point.name}", flush=True)
         reqs = shared[: len(plan.arrivals)] if shared is not None else None
@@ -412,6 +442,7 @@ def _run_sweep(args, kind: str, plans: dict, targets, counter, out: Path, slo, p
         res = _run_one(args, plan, targets, counter, out / point.name, label, slo, phases,
                        {"sweep_point": point.name}, reqs)  # fmt: skip
         rows.append(row(policy, point, res.summary))
+        lost = lost or bool(res.summary.get("workers_unfinished"))
         infos.append(point_info(policy, point, res.summary, out / point.name))
         s = res.summary
         print(f"[load] {point.name}: {s['requests']} requests, {s['errors']} errors, TTFT P99 "
@@ -428,7 +459,7 @@ def _run_sweep(args, kind: str, plans: dict, targets, counter, out: Path, slo, p
                 title=f"disco load sweep over {kind}" + (f" ({policy})" if policy else ""))  # fmt: skip
     print(sweep_table(rows, kind))
     print(f"[load] sweep results in {out}/ (sweep.json, sweep.md, sweep.png; one folder per point)")
-    return 130 if interrupted else 0
+    return 130 if interrupted else 1 if lost else 0
 
 
 def _overlay(args: argparse.Namespace) -> int:

@@ -52,6 +52,10 @@ class PolicyConfig:
     # [R] Plans see the requesting device's queue (Request.device_queue): a request behind a busy
     # device is decided as a longer prompt would be (WindowPolicy.decision_length).
     device_queue_aware: bool = True
+    # [R] DiSCo's budget feedback also counts the requests planned but not observed yet
+    # (inflight_seen / inflight_spent), so a feedback whose outcomes arrive a stream later does
+    # not overshoot. Snapshot publishing (issue 11) turns it on; off: as before.
+    feedback_counts_inflight: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.budget <= 1.0:

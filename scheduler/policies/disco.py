@@ -89,7 +89,10 @@ class DiSCo(WindowPolicy):
         # (a deficit over the sliding window alone leaves a steady offset); the guard and the
         # cap below hold the sliding window itself to b.
         seen0, spent0 = self._origin
-        deficit = b * (self.seen_tokens - seen0) - (self.spent_tokens - spent0)
+        in_seen = in_spent = 0.0
+        if self.config.feedback_counts_inflight:
+            in_seen, in_spent = self.inflight_seen, self.inflight_spent
+        deficit = b * (self.seen_tokens + in_seen - seen0) - (self.spent_tokens + in_spent - spent0)
         b_eff = b + deficit / horizon
         if self.config.guard_headroom < 1.0:
             # [R] Stay clear of the budget guard: plan the next period so that the window's
@@ -97,9 +100,8 @@ class DiSCo(WindowPolicy):
             # refuses requests in arrival order, tail-critical ones included.
             period = self.config.recompute_every * mean_l
             cap = b + GUARD_SLACK * self.config.guard_headroom
-            b_eff = min(
-                b_eff, (cap * (self.budget_seen + period) - self.budget_spent) / period
-            )
+            seen_w, spent_w = self.budget_seen + in_seen, self.budget_spent + in_spent
+            b_eff = min(b_eff, (cap * (seen_w + period) - spent_w) / period)
         return float(np.clip(b_eff, 0.0, 1.0))
 
     def hedge_fire_share(self, start_s: float) -> float:

@@ -88,8 +88,8 @@ def _stream(url: str, max_tokens: int, on_chunk=None) -> tuple[list[dict], bool]
     return chunks, done
 
 
-def _set_policy(tb: Testbed, policy: str) -> None:
-    cfg = to_dict(tb.config.scheduler) | {"policy": policy}
+def _set_policy(tb: Testbed, policy: str, planning: str = "central") -> None:
+    cfg = to_dict(tb.config.scheduler) | {"policy": policy, "planning": planning}
     ray.get(tb.scheduler.reconfigure.remote(cfg))
 
 
@@ -229,9 +229,11 @@ def test_emulated_fleet_streams_through_serve_with_the_scheduler(testbed):
     assert len(testbed.fleets) == 2
 
 
-def test_disco_agent_process_plans_with_the_cluster_scheduler(testbed):
+@pytest.mark.parametrize("planning", ["central", "snapshot"])
+def test_disco_agent_process_plans_with_the_cluster_scheduler(testbed, planning):
     """`disco agent --scheduler ADDRESS`: an agent outside Ray's workers (as on an edge box) that
-    joins the cluster for plans and streams from the server over HTTP."""
+    joins the cluster for plans and streams from the server over HTTP; with snapshot planning it
+    plans on the device and syncs its outcomes (issue 11)."""
     import os
     import subprocess
     import sys
@@ -240,7 +242,7 @@ def test_disco_agent_process_plans_with_the_cluster_scheduler(testbed):
 
     from disco.cluster.runtime import free_port
 
-    _set_policy(testbed, "race")
+    _set_policy(testbed, "race", planning=planning)
     before = ray.get(testbed.scheduler.stats.remote())["plans"]
     port = free_port()
     address = ray.get_runtime_context().gcs_address
@@ -263,6 +265,16 @@ def test_disco_agent_process_plans_with_the_cluster_scheduler(testbed):
                 time.sleep(0.1)
         chunks, done = _stream(url, 10)
         _assert_one_ordered_stream(chunks, done)
+        if planning == "snapshot":
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+            assert 'disco_planner_plans_total{holder="agent.agent-0"} 1.0' in text, text[-2000:]
+            for _ in range(100):  # the next sync (every 0.5 s) carries the plan and outcome
+                st = ray.get(testbed.scheduler.status.remote())
+                if st["snapshots"] and st["snapshots"]["requests"] >= 1:
+                    break
+                time.sleep(0.1)
+            assert st["snapshots"]["holders"] >= 1 and st["snapshots"]["requests"] >= 1
         assert ray.get(testbed.scheduler.stats.remote())["plans"] > before
     finally:
         stop_process(proc, 20)
+        _set_policy(testbed, "race")

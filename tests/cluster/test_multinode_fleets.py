@@ -28,7 +28,7 @@ from disco.cluster.runtime import Testbed  # noqa: E402
 pytestmark = pytest.mark.slow
 
 BUDGET = 0.3
-WORDS = "the a device server token stream budget lease snapshot fleet node".split()
+WORDS = ["the", "a", "device", "server", "token", "stream", "budget", "lease", "snapshot", "fleet", "node"]
 
 
 def prompt(rng: random.Random) -> str:
