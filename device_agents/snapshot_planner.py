@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 Transport = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 PLAN_SAMPLES = 4096  # ring of recent plan times (overhead percentiles)
+# Plans whose outcome never came (a caller that planned and then dropped the request): past this
+# many in flight the oldest is forgotten, so a leak cannot grow the holder without bound.
+MAX_INFLIGHT = 100_000
 
 
 @dataclass(slots=True)
@@ -136,6 +139,11 @@ class SnapshotPlanner:
             self._inflight_tokens -= prev[1]
         self._inflight[request.id] = (server, length)
         self._inflight_tokens += length
+        if len(self._inflight) > MAX_INFLIGHT:
+            old, (_, old_len) = next(iter(self._inflight.items()))
+            del self._inflight[old]
+            self._inflight_tokens -= old_len
+            self.guard.settle(old, 0.0)
         plan = Plan(request.id, server, None if math.isnan(d) else d, True, migration, policy)
         self.plan_s[i] = time.perf_counter() - t0
         return plan

@@ -212,3 +212,14 @@ def test_plans_go_on_from_the_last_snapshot_while_the_scheduler_is_away():
 
     p = asyncio.run(main())
     assert p.stats.sync_failures >= 2 and not math.isnan(p.overhead_ms()["plan_overhead_ms_p50"])
+
+
+def test_plans_never_reported_do_not_grow_the_holder(monkeypatch):
+    import disco.device_agents.snapshot_planner as sp
+
+    monkeypatch.setattr(sp, "MAX_INFLIGHT", 3)
+    p = SnapshotPlanner("h", None, budget=1.0)
+    for i in range(10):
+        p.plan_now(Request(f"r{i}", 0.0, 100))
+    assert len(p._inflight) == 3 and p._inflight_tokens == 300.0
+    assert set(p._inflight) == {"r7", "r8", "r9"} and len(p.guard.outstanding) <= 3
