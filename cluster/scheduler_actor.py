@@ -112,24 +112,28 @@ class SchedulerActor:
         self.checkpointer.touch()
         self.metrics.touch()
 
+    def _publish_config(self) -> PublishConfig:
+        c = self.cfg
+        return PublishConfig(interval_s=c.publish_interval_s, sync_s=c.sync_s,
+                             lease=LeaseConfig(period_s=c.lease_period_s,
+                                               headroom=c.lease_headroom))  # fmt: skip
+
     def _publisher(self) -> SnapshotPublisher:
         if self.publisher is None:
-            c = self.cfg
             self.publisher = SnapshotPublisher(
-                self.core.policy,
-                PublishConfig(interval_s=c.publish_interval_s, sync_s=c.sync_s,
-                              lease=LeaseConfig(period_s=c.lease_period_s,
-                                                headroom=c.lease_headroom)),
-                config_version=self.core.config_version,
+                self.core.policy, self._publish_config(),
+                config_version=self.core.config_version, seen_seq=self.core.holder_seq,
             )  # fmt: skip
         return self.publisher
 
     async def sync(self, msg: dict[str, Any]) -> dict[str, Any]:
         """A holder's batch in; the newest snapshot (if it has an older one) and its lease out
-        (see :meth:`SnapshotPublisher.sync`)."""
+        (see :meth:`SnapshotPublisher.sync`). A batch number already taken (a resend, or a call
+        Ray replays after a restart: the numbers travel with the checkpoint) counts once."""
         answer, totals = self._publisher().sync(msg, time.monotonic(), time.time())
-        self.core.ledger.add_totals(totals)
-        self.core.plans += int(msg.get("plans", 0))
+        if totals is not None:
+            self.core.ledger.add_totals(totals)
+            self.core.plans += int(msg.get("plans", 0))
         self.checkpointer.touch()
         self.metrics.touch()
         return answer
@@ -166,6 +170,12 @@ class SchedulerActor:
                     self.publisher.set_policy(self.core.policy, self.core.config_version + 1)
             self.core.regime = Regime(cfg.regime)
             self.cfg = cfg
+            if self.publisher is not None:
+                if cfg.planning == "central":  # back to per-request plans: fits as before
+                    self.publisher.detach()
+                    self.publisher = None
+                else:
+                    self.publisher.set_config(self._publish_config())
             self.core.config_version += 1
             self.checkpointer.interval_s = cfg.checkpoint_interval_s
             await self.checkpoint()

@@ -100,6 +100,8 @@ class SchedulerCore:
         self.restores = 0
         # Bumped by every reconfigure that changes something; kept across restarts.
         self.config_version = 1
+        # Snapshot holders' last batch numbers (issue 11): a batch sent again counts once.
+        self.holder_seq: dict[str, int] = {}
         # Recent outcomes, to rebuild a policy that cannot be pickled.
         self.recent: deque[RequestOutcome] = deque(maxlen=replay_window)
 
@@ -142,7 +144,7 @@ class SchedulerCore:
         travels with it so that a restart comes back with a reconfigured policy/budget."""
         state: dict[str, Any] = {"ledger": self.ledger, "plans": self.plans,
                                  "restores": self.restores, "recent": [],
-                                 "config": config,
+                                 "config": config, "holder_seq": dict(self.holder_seq),
                                  "config_version": self.config_version}  # fmt: skip
         try:
             state["policy"] = pickle.dumps(self.policy, protocol=pickle.HIGHEST_PROTOCOL)
@@ -164,6 +166,8 @@ class SchedulerCore:
         self.plans = state["plans"]
         self.restores = state["restores"] + 1
         self.config_version = state.get("config_version", 1)  # older snapshots: none
+        self.holder_seq.clear()  # in place: a publisher may hold this dict
+        self.holder_seq.update(state.get("holder_seq", {}))
         self.recent = deque(state["recent"], maxlen=self.recent.maxlen)
         if state["policy"] is not None:
             self.policy = pickle.loads(state["policy"])

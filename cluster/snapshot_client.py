@@ -13,7 +13,6 @@ import asyncio
 from typing import Any
 
 from disco.device_agents.snapshot_planner import SnapshotPlanner
-from disco.scheduler.snapshot import PolicySnapshot
 from disco.scheduler.types import Plan, Regime, Request, RequestOutcome
 
 
@@ -39,19 +38,19 @@ def snapshot_planner(
     timeout_s: float = 30.0,
     fetch: bool = True,
 ) -> SnapshotPlanner:
-    """A holder's planner; ``fetch``: block until the actor's current snapshot is here (so the
-    first plans are not cold)."""
-    snap = None
+    """A holder's planner; ``fetch``: block until its first sync is answered (the current
+    snapshot and a first lease), so the first plans are neither cold nor unfunded."""
+    planner = SnapshotPlanner(
+        holder, actor_transport(actor, rtt_s), devices=devices,
+        budget=float(scheduler_cfg.get("budget", 1.0)),
+        regime=Regime(scheduler_cfg.get("regime", "server")),
+        sync_s=float(scheduler_cfg.get("sync_s", 0.5)),
+    )  # fmt: skip
     if fetch:
         import ray
 
-        snap = PolicySnapshot.from_wire(ray.get(actor.snapshot.remote(), timeout=timeout_s))
-    return SnapshotPlanner(
-        holder, actor_transport(actor, rtt_s), devices=devices,
-        budget=float(scheduler_cfg.get("budget", 1.0)),
-        regime=Regime(scheduler_cfg.get("regime", "server")), snapshot=snap,
-        sync_s=float(scheduler_cfg.get("sync_s", 0.5)),
-    )  # fmt: skip
+        planner.apply(ray.get(actor.sync.remote(planner.take_message()), timeout=timeout_s))
+    return planner
 
 
 class RttPlanner:

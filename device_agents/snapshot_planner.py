@@ -11,9 +11,11 @@ and the next lease. ``transport`` is that one call (the cluster side passes the 
 
 When the scheduler does not answer, plans go on from the last snapshot (``stale_plans`` counts
 plans made while the last sync failed) and the lease lapses into self-funding (the holder's own
-lifetime share may not pass b); a batch whose sync failed is merged into the next one, so no
-outcome is dropped while the scheduler is away (at most ``max_samples`` rows of it are kept for
-the policy's window, every total is). Before the first snapshot it races both endpoints, within
+lifetime share may not pass b). Batches are numbered: one whose sync failed is sent again, as
+it was, until answered (the scheduler drops a number it already took: a sync that timed out after
+the scheduler counted it is not counted twice), while the next batch fills (at most
+``max_samples`` rows of it for the policy's window, every total), so no outcome is dropped or
+doubled while the scheduler is away. Before the first snapshot it races both endpoints, within
 the self-funded share once the first answer gave it a regime.
 """
 
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ import numpy as np
 
 from disco.scheduler.lease import Lease, LeaseGuard
 from disco.scheduler.outcome_batch import BatchTotals, OutcomeBatch, constrained_spend
-from disco.scheduler.snapshot import PolicySnapshot
+from disco.scheduler.snapshot import PolicySnapshot, RandomShare
 from disco.scheduler.types import Plan, Regime, Request, RequestOutcome
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,7 @@ class SnapshotPlannerStats:
     sync_failures: int = 0
     snapshots: int = 0  # snapshots received
     reports: int = 0
-    merged_batches: int = 0  # batches kept after a failed sync and sent with the next
+    resent: int = 0  # syncs that sent again a batch whose first sync failed (never merged)
 
 
 class SnapshotPlanner:
@@ -71,8 +74,10 @@ class SnapshotPlanner:
         max_samples: int = 2000,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        autostart: bool = True,
     ) -> None:
         self.holder = holder
+        self.autostart = autostart  # start the sync loop at the first plan (else: start())
         self.transport = transport
         self.devices = devices
         self.sync_s = sync_s
@@ -88,7 +93,9 @@ class SnapshotPlanner:
         self._inflight: dict[str, tuple[float | None, float]] = {}
         self._inflight_tokens = 0.0
         self._planned_tokens = 0.0
-        self._plans_at_sync = 0
+        self._seq = 0  # number of the last batch taken out
+        self._plans_taken = 0  # plans counted in batches already taken out
+        self._unacked: dict[str, Any] | None = None  # the message last sent, until answered
         self._sync_ok = snapshot is not None
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -104,7 +111,8 @@ class SnapshotPlanner:
         """The local decision (synchronous: no await, no I/O); called from inside an event loop
         it also makes sure the background sync runs."""
         t0 = time.perf_counter()
-        if self._task is None or self._task.done():
+        idle = self._task is None or self._task.done()  # not syncing (yet): see lease_now
+        if self.autostart and idle:
             with contextlib.suppress(RuntimeError):  # no running loop: a caller that syncs itself
                 self._ensure_syncing()
         snap, now = self.snapshot, self.clock()
@@ -113,12 +121,17 @@ class SnapshotPlanner:
         self.stats.plans += 1
         if not self._sync_ok:
             self.stats.stale_plans += 1
+        # A lease lapses only while the scheduler does not answer: a holder that has not tried
+        # to sync (idle, its loop not started yet) keeps spending the lease it has.
+        lease_now = now
+        if self._sync_ok and idle:
+            lease_now = min(now, self.guard.received_at)
         if snap is None:
             self.stats.cold_plans += 1
             starts = (0.0, 0.0)
             c = starts[0] if self.regime.constrained.value == "server" else starts[1]
             reserve = length if c == 0.0 else 0.0
-            if not self.guard.allows(length, reserve, now):
+            if not self.guard.allows(length, reserve, lease_now):
                 starts = (math.nan, 0.0) if self.regime.value == "server" else (0.0, math.nan)
                 reserve = 0.0
             policy, migration = "snapshot-cold", None
@@ -126,7 +139,7 @@ class SnapshotPlanner:
         else:
             starts = snap.decide(request)
             reserve = snap.reserve(length, starts)
-            if reserve > 0.0 and not self.guard.allows(length, reserve, now):
+            if reserve > 0.0 and not self.guard.allows(length, reserve, lease_now):
                 starts, reserve = snap.unconstrained_only(), 0.0
             policy, migration = snap.policy, snap.migration
             self.snapshot_age_s[i] = max(0.0, self.wall() - snap.published_at)
@@ -159,25 +172,45 @@ class SnapshotPlanner:
         self.guard.settle(outcome.request_id, float(constrained_spend(outcome, self.regime)))
 
     # ---- sync -------------------------------------------------------------------------------
-    def take_message(self) -> tuple[dict[str, Any], OutcomeBatch, float]:
-        """The next sync's message; the batch and planned tokens it carries are handed over
-        (give them back with :meth:`sync_failed` if the call fails)."""
-        batch, planned = self.batch, self._planned_tokens
-        self.batch = OutcomeBatch(self.regime, self.max_samples)
-        self._planned_tokens = 0.0
-        plans, self._plans_at_sync = self.stats.plans - self._plans_at_sync, self.stats.plans
-        msg = {"holder": self.holder, "devices": self.devices, "plans": plans,
-               "inflight_tokens": self._inflight_tokens, "inflight_spent": self.guard.reserved,
-               "batch": batch.to_wire() if len(batch) else None, "planned_tokens": planned,
-               "version": 0 if self.snapshot is None else self.snapshot.version}  # fmt: skip
-        return msg, batch, planned
+    def take_message(self) -> dict[str, Any]:
+        """The next sync's message: the one last sent again while it is not answered (the
+        scheduler drops a batch number it has taken, so a sync that failed after the scheduler
+        took it is not counted twice), else a new batch with the next number. The in-flight
+        figures and the snapshot held are always current."""
+        if self._unacked is None:
+            batch, planned = self.batch, self._planned_tokens
+            self.batch = OutcomeBatch(self.regime, self.max_samples)
+            self._planned_tokens = 0.0
+            self._seq += 1
+            self._unacked = {"holder": self.holder, "devices": self.devices, "seq": self._seq,
+                             "plans": self.stats.plans - self._plans_taken,
+                             "batch": batch.to_wire() if len(batch) else None,
+                             "planned_tokens": planned}  # fmt: skip
+            self._plans_taken = self.stats.plans
+        else:
+            self.stats.resent += 1
+        msg = dict(self._unacked)
+        msg |= {"inflight_tokens": self._inflight_tokens, "inflight_spent": self.guard.reserved,
+                "have": "" if self.snapshot is None else self.snapshot.id}  # fmt: skip
+        return msg
 
     def apply(self, answer: dict[str, Any]) -> None:
+        """The scheduler's answer: the batch it acknowledges is done, a newer snapshot (kept),
+        the next lease."""
         now = self.clock()
+        if self._unacked is not None and answer.get("seq") in (None, self._unacked["seq"]):
+            self._unacked = None
+        self.stats.syncs += 1
+        self._sync_ok = True
         snap = answer.get("snapshot")
         if snap is not None:
-            # Sent only when it differs from ours (a restarted scheduler counts anew): take it.
             new = PolicySnapshot.from_wire(snap)
+            if isinstance(new.table, RandomShare):
+                # One generator per holder, kept across snapshots: a table rebuilt every publish
+                # with the policy's seed would replay the same draws on every holder.
+                old = self.snapshot.table if self.snapshot is not None else None
+                new.table.rng = (old.rng if isinstance(old, RandomShare)
+                                 else random.Random(f"{new.table.seed}:{self.holder}"))  # fmt: skip
             self.snapshot = new
             self.stats.snapshots += 1
             if new.regime is not self.regime:  # a reconfigure switched regime
@@ -189,41 +222,27 @@ class SnapshotPlanner:
             self.guard.renew(lease, now)
         if answer.get("sync_s"):
             self.sync_s = float(answer["sync_s"])
-        self.stats.syncs += 1
-        self._sync_ok = True
-
-    def sync_failed(self, batch: OutcomeBatch, planned: float) -> None:
-        """Keep what the failed sync carried: merged into the batch being filled."""
-        self.stats.sync_failures += 1
-        self._sync_ok = False
-        self._planned_tokens += planned
-        if len(batch):
-            self.stats.merged_batches += 1
-            cur = self.batch
-            batch.totals.merge(cur.totals)
-            for row in cur.rows:
-                batch.offered += 1
-                if len(batch.rows) < self.max_samples:
-                    batch.rows.append(row)
-            batch.offered += cur.offered - len(cur.rows)
-            self.batch = batch
 
     async def sync_once(self) -> bool:
         if self.transport is None:
             return False
-        msg, batch, planned = self.take_message()
+        msg = self.take_message()
         t0 = time.perf_counter()
         try:
             answer = await asyncio.wait_for(self.transport(msg), self.timeout_s)
-        except asyncio.CancelledError:
-            self.sync_failed(batch, planned)
-            raise
-        except Exception as e:  # noqa: BLE001 - the scheduler is away: plan on, keep the batch
+        except Exception as e:  # noqa: BLE001 - the scheduler is away: plan on, send it again
             log.debug("snapshot sync failed: %r", e)
-            self.sync_failed(batch, planned)
+            self.stats.sync_failures += 1
+            self._sync_ok = False
             return False
         self.sync_rtt_s[self.stats.syncs % PLAN_SAMPLES] = time.perf_counter() - t0
-        self.apply(answer)
+        try:
+            self.apply(answer)
+        except Exception as e:  # noqa: BLE001 - e.g. a table kind this version does not know
+            log.warning("cannot use the scheduler's answer (%r): planning on from the last", e)
+            self._unacked = None  # the scheduler took the batch
+            self.stats.sync_failures += 1
+            return False
         return True
 
     async def run(self) -> None:
@@ -243,17 +262,20 @@ class SnapshotPlanner:
         self._ensure_syncing()
 
     async def close(self, flush: bool = True) -> None:
-        """Stop syncing; ``flush``: send what is left first (one bounded try)."""
+        """Stop syncing; ``flush``: send what is left (one bounded try). No new loop starts
+        once closed, the flush included."""
         self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        if flush and self.transport is not None and (len(self.batch) or self._planned_tokens):
-            self._closed = False
+        pending = self._unacked is not None or len(self.batch) or self._planned_tokens
+        if flush and self.transport is not None and pending:
             with contextlib.suppress(Exception):
                 await self.sync_once()
-            self._closed = True
+            if self._unacked is not None or len(self.batch):  # a resend, then the rest
+                with contextlib.suppress(Exception):
+                    await self.sync_once()
 
     # ---- what a holder shows ------------------------------------------------------------------
     def overhead_ms(self) -> dict[str, float | None]:
@@ -275,7 +297,7 @@ class SnapshotPlanner:
             "version": None if self.snapshot is None else self.snapshot.version,
             "plans": s.plans, "cold_plans": s.cold_plans, "stale_plans": s.stale_plans,
             "syncs": s.syncs, "sync_failures": s.sync_failures, "snapshots": s.snapshots,
-            "reports": s.reports, "merged_batches": s.merged_batches,
+            "reports": s.reports, "resent": s.resent,
             "snapshot_age_ms_p99": float(np.percentile(ages, 99)) if ages.size else None,
             "scheduler_reachable": self._sync_ok,
         } | self.overhead_ms() | {f"lease_{k}": v for k, v in self.guard.stats(now).items()}  # fmt: skip

@@ -15,6 +15,7 @@ Pure: the caller passes both clocks (``now``: monotonic, for cadence and lease e
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -43,20 +44,43 @@ class PublisherStats:
     fits: int = 0
     rows: int = 0  # observation rows the policy learned from
     requests: int = 0  # requests the batches summarised (rows <= requests)
+    duplicates: int = 0  # batches sent again after a sync the holder saw fail: ignored
     cpu_s: float = 0.0  # thread CPU time spent in sync (ingest, publish, lease)
 
 
 class SnapshotPublisher:
+    """``seen_seq``: each holder's last batch number taken (the caller may keep it with its
+    checkpoint, so that a call Ray replays on a restarted scheduler is not counted twice)."""
+
     def __init__(self, policy: Any, config: PublishConfig | None = None,
-                 *, config_version: int = 1) -> None:  # fmt: skip
+                 *, config_version: int = 1, seen_seq: dict[str, int] | None = None) -> None:  # fmt: skip
         self.config = config or PublishConfig()
         self.stats = PublisherStats()
         self.book = LeaseBook(float(policy.config.budget), self.config.lease)
+        self.seen_seq = {} if seen_seq is None else seen_seq
+        # A new publisher (a restarted scheduler) numbers its snapshots anew: holders compare
+        # (epoch, version), so an old snapshot of the same number is never taken for current.
+        self.epoch = os.urandom(4).hex()
         self.version = 0
         self.snapshot: PolicySnapshot | None = None
         self._published_at = -float("inf")
         self._new_rows = 0
         self.set_policy(policy, config_version)
+
+    def set_config(self, config: PublishConfig) -> None:
+        """New cadences and lease settings (a reconfigure); holders read ``sync_s`` next sync."""
+        self.config = config
+        self.book.config = config.lease
+
+    def detach(self) -> None:
+        """Hand the policy back to per-request planning: fits every ``recompute_every`` again,
+        no holders' plans in flight in its feedback."""
+        self.policy.defer_fits = False
+        self.policy.holder_inflight = (0.0, 0.0)
+
+    @property
+    def snapshot_id(self) -> str:
+        return f"{self.epoch}/{self.version}"
 
     def set_policy(self, policy: Any, config_version: int) -> None:
         """Use ``policy`` from now on (a reconfigure): the next sync gets its snapshot."""
@@ -87,11 +111,15 @@ class SnapshotPublisher:
             spent = float(totals.device_prompt_tokens if regime.value == "device"
                           else totals.server_prompt_tokens)  # fmt: skip
         self.book.report(holder, devices, float(planned_tokens), spent, now, inflight)
+        self._update_inflight()
+        return totals
+
+    def _update_inflight(self) -> None:
         # [R] The policy's budget feedback counts what is planned but not reported yet (every
         # live holder's plans in flight), as the central guard does: outcomes arrive a whole
-        # stream later, and a feedback blind to them overshoots, then stops spending.
-        self.policy.inflight_seen, self.policy.inflight_spent = self.book.inflight()
-        return totals
+        # stream later, and a feedback blind to them overshoots, then stops spending. Kept apart
+        # from the policy's own in-flight reservations (its per-request plans, if any).
+        self.policy.holder_inflight = self.book.inflight()
 
     def current(self, now: float, wall: float) -> PolicySnapshot:
         """The snapshot to hand out: refit and republish when ``interval_s`` has passed and new
@@ -102,37 +130,55 @@ class SnapshotPublisher:
                 self.stats.fits += 1
             self._new_rows = 0
             self.version += 1
-            self.snapshot = snapshot_of(self.policy, self.version,
+            self.snapshot = snapshot_of(self.policy, self.version, epoch=self.epoch,
                                         config_version=self.config_version, published_at=wall)  # fmt: skip
             self._published_at = now
             self.stats.publishes += 1
         return self.snapshot
 
-    def sync(self, msg: dict[str, Any], now: float, wall: float) -> tuple[dict[str, Any], BatchTotals]:
-        """One holder's sync. ``msg``: ``holder``, ``devices``, ``batch`` (wire, or None),
-        ``planned_tokens`` (since its last sync), ``version`` (the snapshot it has, 0: none).
-        Answers ``snapshot`` (wire; None when the holder's is current), ``version``, ``lease``
-        (wire), ``sync_s``; and the batch's totals for the caller's ledger."""
+    def sync(self, msg: dict[str, Any], now: float,
+             wall: float) -> tuple[dict[str, Any], BatchTotals | None]:  # fmt: skip
+        """One holder's sync. ``msg``: ``holder``, ``devices``, ``seq`` (its batch number; a
+        number already taken is a resend: only the lease and snapshot are answered), ``batch``
+        (wire, or None), ``planned_tokens`` and ``plans`` (since its last batch),
+        ``inflight_tokens``/``inflight_spent`` (its plans not reported yet, now), ``have`` (the
+        id of the snapshot it plans from, "" for none). Answers ``snapshot`` (wire; None when the
+        holder's is current), ``id``, ``lease`` (wire), ``sync_s``, ``seq`` (acknowledged); and
+        the batch's totals for the caller's ledger (None for a resend)."""
         t0 = time.thread_time()
         holder = str(msg["holder"])
+        seq = msg.get("seq")
+        fresh = seq is None or int(seq) > self.seen_seq.get(holder, 0)
         inflight = (float(msg.get("inflight_tokens", 0.0)), float(msg.get("inflight_spent", 0.0)))
-        totals = self.ingest(holder, int(msg.get("devices", 1)), msg.get("batch"),
-                             float(msg.get("planned_tokens", 0.0)), now, inflight)  # fmt: skip
+        devices = int(msg.get("devices", 1))
+        totals: BatchTotals | None = None
+        if fresh:
+            if seq is not None:
+                self.seen_seq[holder] = int(seq)
+            totals = self.ingest(holder, devices, msg.get("batch"),
+                                 float(msg.get("planned_tokens", 0.0)), now, inflight)  # fmt: skip
+        else:
+            self.stats.duplicates += 1
+            self.book.report(holder, devices, 0.0, 0.0, now, inflight)
+            self._update_inflight()
         snap = self.current(now, wall)
         lease = self.book.grant(holder, now, getattr(self.policy, "b_eff", None),
                                 self.policy.budget_seen, self.policy.budget_spent)  # fmt: skip
         self.stats.syncs += 1
         answer = {
+            "id": self.snapshot_id,
             "version": snap.version,
-            "snapshot": None if int(msg.get("version", 0)) == snap.version else snap.to_wire(),
+            "snapshot": None if msg.get("have") == self.snapshot_id else snap.to_wire(),
             "lease": lease.to_wire(),
             "sync_s": self.config.sync_s,
+            "seq": seq,
         }
         self.stats.cpu_s += time.thread_time() - t0
         return answer, totals
 
     def status(self) -> dict[str, Any]:
         s = self.stats
-        return {"version": self.version, "syncs": s.syncs, "publishes": s.publishes,
-                "fits": s.fits, "rows": s.rows, "requests": s.requests,
+        return {"version": self.version, "epoch": self.epoch, "syncs": s.syncs,
+                "publishes": s.publishes, "fits": s.fits, "rows": s.rows,
+                "requests": s.requests, "duplicates": s.duplicates,
                 "sync_cpu_s": s.cpu_s} | self.book.stats()  # fmt: skip

@@ -268,6 +268,11 @@ class PolicySnapshot:
     fits: int = 0
     config_version: int = 1
     published_at: float = 0.0  # the scheduler's wall clock (time.time()) at publish
+    epoch: str = ""  # the publisher's (a restarted scheduler numbers its versions anew)
+
+    @property
+    def id(self) -> str:
+        return f"{self.epoch}/{self.version}"
 
     @property
     def constrained(self) -> EndpointKind:
@@ -309,7 +314,7 @@ class PolicySnapshot:
             "device": profile_to_dict(self.device), "device_queue_aware": self.device_queue_aware,
             "survival": [list(self.hedge_survival.t), list(self.hedge_survival.s)],
             "b_eff": self.b_eff, "fits": self.fits, "config_version": self.config_version,
-            "published_at": self.published_at,
+            "published_at": self.published_at, "epoch": self.epoch,
         }  # fmt: skip
 
     @classmethod
@@ -325,7 +330,7 @@ class PolicySnapshot:
             hedge_survival=Survival(tuple(map(float, st)), tuple(map(float, ss))),
             b_eff=d.get("b_eff"), fits=int(d.get("fits", 0)),
             config_version=int(d.get("config_version", 1)),
-            published_at=float(d.get("published_at", 0.0)),
+            published_at=float(d.get("published_at", 0.0)), epoch=str(d.get("epoch", "")),
         )  # fmt: skip
 
 
@@ -337,8 +342,9 @@ def _device(d: dict[str, Any]) -> DeviceProfile:
 
 
 def snapshot_of(
-    policy: Any, version: int, *, config_version: int = 1, published_at: float = 0.0
-) -> PolicySnapshot:
+    policy: Any, version: int, *, config_version: int = 1, published_at: float = 0.0,
+    epoch: str = "",
+) -> PolicySnapshot:  # fmt: skip
     """The decision function ``policy`` (a WindowPolicy) plans with now, as a snapshot."""
     make = getattr(policy, "decision_table", None)
     table = make() if make is not None else None
@@ -358,4 +364,5 @@ def snapshot_of(
         fits=int(getattr(policy, "_recomputes", 0)),
         config_version=config_version,
         published_at=published_at,
+        epoch=epoch,
     )

@@ -181,6 +181,9 @@ class WindowPolicy:
         self.inflight_spent = 0.0  # of those, reserved for a definite constrained start
         self._rule = migration_rule(config.regime) if config.migration else None
         self.defer_fits = False  # True: fit on refit() only (snapshot publishing)
+        # (prompt tokens, reserved spend) that snapshot holders planned and have not reported
+        # yet (issue 11; set by the publisher, counted by feedback_counts_inflight)
+        self.holder_inflight = (0.0, 0.0)
 
     # --- what subclasses provide --------------------------------------------------------
     def _decide(self, lengths: np.ndarray, hints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

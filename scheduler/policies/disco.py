@@ -91,7 +91,9 @@ class DiSCo(WindowPolicy):
         seen0, spent0 = self._origin
         in_seen = in_spent = 0.0
         if self.config.feedback_counts_inflight:
-            in_seen, in_spent = self.inflight_seen, self.inflight_spent
+            # Its own plans in flight, and the devices' (snapshot holders', issue 11).
+            h_seen, h_spent = getattr(self, "holder_inflight", (0.0, 0.0))
+            in_seen, in_spent = self.inflight_seen + h_seen, self.inflight_spent + h_spent
         deficit = b * (self.seen_tokens + in_seen - seen0) - (self.spent_tokens + in_spent - spent0)
         b_eff = b + deficit / horizon
         if self.config.guard_headroom < 1.0:

@@ -80,7 +80,7 @@ def run_fleet(*, n=10_000, holders=4, devices=1200, budget=0.3, regime=Regime.SE
             if x in dead:
                 continue
             p = planners[x]
-            msg, _, _ = p.take_message()
+            msg = p.take_message()
             answer, _ = pub.sync(msg, t, t)
             p.apply(answer)
             if any(e[1] != 0 for e in ev):
@@ -108,7 +108,7 @@ def run_fleet(*, n=10_000, holders=4, devices=1200, budget=0.3, regime=Regime.SE
             planners[h].report_now(o)
     for k, p in enumerate(planners):  # the survivors' last batches
         if k not in dead:
-            msg, _, _ = p.take_message()
+            msg = p.take_message()
             pub.sync(msg, clock.t + 1, clock.t + 1)
     st = pub.status()
     ledger = st["reported_spent_tokens"] / max(st["reported_seen_tokens"], 1.0)
@@ -156,7 +156,7 @@ def test_the_feedback_counts_what_is_in_flight():
     assert pub.policy.config.feedback_counts_inflight
     planners = [SnapshotPlanner(f"h{k}", None, budget=0.3) for k in range(2)]
     for p in planners:
-        p.apply(pub.sync(p.take_message()[0], 0.0, 0.0)[0])
+        p.apply(pub.sync(p.take_message(), 0.0, 0.0)[0])
     records = load_trace(default_trace_path(), limit=40)
     world = W.build(records, SERVER, DEVICE, 0)
     busy = planners[0].snapshot.table.race_busy  # cold DiSCo-S: busy devices race
@@ -170,15 +170,15 @@ def test_the_feedback_counts_what_is_in_flight():
         plan = planners[i % 2].plan_now(req)
         outs.append((i % 2, simulate_request(world, i, plan, np.array([100.0]), SimSettings())))
     for p in planners:
-        p.apply(pub.sync(p.take_message()[0], 1.0, 1.0)[0])
+        p.apply(pub.sync(p.take_message(), 1.0, 1.0)[0])
     seen, spent = pub.book.inflight()
     assert seen == pytest.approx(float(world.prompt.sum())) and spent > 0
-    assert (policy.inflight_seen, policy.inflight_spent) == (seen, spent)
+    assert policy.holder_inflight == (seen, spent)
     assert spent == pytest.approx(sum(p.guard.reserved for p in planners))
     for k, o in outs:
         planners[k].report_now(o)
     for p in planners:
-        p.apply(pub.sync(p.take_message()[0], 2.0, 2.0)[0])
+        p.apply(pub.sync(p.take_message(), 2.0, 2.0)[0])
     assert pub.book.inflight() == (0.0, 0.0) and policy.budget_seen == pytest.approx(seen)
 
 
@@ -223,3 +223,130 @@ def test_plans_never_reported_do_not_grow_the_holder(monkeypatch):
         p.plan_now(Request(f"r{i}", 0.0, 100))
     assert len(p._inflight) == 3 and p._inflight_tokens == 300.0
     assert set(p._inflight) == {"r7", "r8", "r9"} and len(p.guard.outstanding) <= 3
+
+
+def test_a_batch_sent_again_after_a_lost_answer_counts_once():
+    """The scheduler took the batch but the answer was lost (a timeout, a cancel, a call Ray
+    replays after a restart): the holder sends it again, unchanged, and it counts once."""
+    policy = make_policy("length", PolicyConfig(regime=Regime.SERVER_CONSTRAINED, budget=0.3),
+                         SERVER, DEVICE)  # fmt: skip
+    pub = SnapshotPublisher(policy)
+    taken: list[dict] = []
+
+    async def transport(msg):
+        answer = pub.sync(msg, 0.0, 0.0)[0]
+        taken.append(msg)
+        if len(taken) == 2:
+            raise TimeoutError("the answer was lost")
+        return answer
+
+    async def main():
+        p = SnapshotPlanner("h", transport, autostart=False)  # the test syncs
+        await p.sync_once()
+        records = load_trace(default_trace_path(), limit=10)
+        world = World.build(records, SERVER, DEVICE, 0)
+        for i in range(10):
+            plan = p.plan_now(Request(f"r{i}", 0.0, int(world.prompt[i])))
+            p.report_now(simulate_request(world, i, plan, np.array([100.0]), SimSettings()))
+        assert not await p.sync_once()  # taken, answer lost
+        p.report_now(simulate_request(world, 0, p.plan_now(Request("x", 0.0, 50)),
+                                      np.array([100.0]), SimSettings()))  # fmt: skip
+        assert await p.sync_once()  # the same batch again: dropped by the scheduler
+        assert await p.sync_once()  # then the one request since
+        await p.close()
+        return p
+
+    p = asyncio.run(main())
+    assert [m["seq"] for m in taken] == [1, 2, 2, 3]
+    st = pub.status()
+    assert st["requests"] == 11 and st["rows"] == 11 and st["duplicates"] == 1
+    assert p.stats.resent == 1 and p.stats.sync_failures == 1
+
+
+def test_random_draws_are_the_holders_own_across_snapshots():
+    policy = make_policy("random", PolicyConfig(regime=Regime.SERVER_CONSTRAINED, budget=0.3),
+                         SERVER, DEVICE)  # fmt: skip
+    pub = SnapshotPublisher(policy, PublishConfig(interval_s=0.001))
+    holders = [SnapshotPlanner(f"h{k}", None, budget=0.3) for k in range(2)]
+    raced: dict[str, list[bool]] = {h.holder: [] for h in holders}
+    for i in range(600):  # a new snapshot (one new row each) before every decision
+        for h in holders:
+            t = 0.01 * (2 * i + int(h.holder[1]))
+            pub.policy.observe_arrays(np.array([100.0]), np.array([10.0]), np.array([0.0]),
+                                      np.array([np.nan]), np.array([False]))  # fmt: skip
+            pub._new_rows += 1
+            h.apply(pub.sync(h.take_message(), t, t)[0])
+            raced[h.holder].append(h.snapshot.decide(Request(f"q{i}", 0.0, 100))[0] == 0.0)
+    a, b = (np.array(v) for v in raced.values())
+    assert pub.status()["publishes"] > 500 and holders[0].stats.snapshots > 500
+    assert abs(a.mean() - 0.3) < 0.06 and abs(b.mean() - 0.3) < 0.06
+    assert (a != b).any()  # not the same draws on every holder
+
+
+def test_a_restarted_scheduler_sends_its_snapshot_even_at_the_same_version():
+    policy = make_policy("length", PolicyConfig(regime=Regime.SERVER_CONSTRAINED, budget=0.3),
+                         SERVER, DEVICE)  # fmt: skip
+    p = SnapshotPlanner("h", None, budget=0.3)
+    p.apply(SnapshotPublisher(policy).sync(p.take_message(), 0.0, 0.0)[0])
+    first = p.snapshot
+    answer = SnapshotPublisher(policy).sync(p.take_message(), 1.0, 1.0)[0]  # a new epoch
+    assert answer["snapshot"] is not None and answer["version"] == first.version
+    p.apply(answer)
+    assert p.snapshot.id != first.id
+
+
+def test_publisher_settings_follow_a_reconfigure_and_central_takes_the_policy_back():
+    policy = make_policy("disco", PolicyConfig(regime=Regime.SERVER_CONSTRAINED, budget=0.3),
+                         SERVER, DEVICE)  # fmt: skip
+    pub = SnapshotPublisher(policy)
+    assert policy.defer_fits
+    pub.set_config(PublishConfig(sync_s=2.0))
+    p = SnapshotPlanner("h", None, budget=0.3)
+    p.apply(pub.sync(p.take_message(), 0.0, 0.0)[0])
+    assert p.sync_s == 2.0
+    pub.detach()
+    assert not policy.defer_fits and policy.holder_inflight == (0.0, 0.0)
+
+
+def test_close_flushes_once_and_starts_no_loop():
+    calls = []
+
+    async def transport(msg):
+        calls.append(msg["seq"])
+        return {"seq": msg["seq"]}
+
+    async def main():
+        p = SnapshotPlanner("h", transport, sync_s=10.0)
+        p.start()
+        await asyncio.sleep(0.05)
+        p.plan_now(Request("a", 0.0, 100))
+        await p.close()
+        p.plan_now(Request("b", 0.0, 100))  # after close: no new loop
+        await asyncio.sleep(0.05)
+        return p
+
+    p = asyncio.run(main())
+    assert calls == [1, 2] and (p._task is None or p._task.done())
+
+
+def test_an_idle_holder_keeps_its_lease_until_it_tries_to_sync():
+    """A fleet or agent idle past its lease's expiry has not lost the scheduler: its first plan
+    after the pause still spends the lease (then the loop syncs and renews it)."""
+    policy = make_policy("race", PolicyConfig(regime=Regime.SERVER_CONSTRAINED, budget=0.3),
+                         SERVER, DEVICE)  # fmt: skip
+    pub = SnapshotPublisher(policy)
+    clock = Clock()
+
+    async def transport(msg):
+        return pub.sync(msg, clock.t, clock.t)[0]
+
+    async def main():
+        p = SnapshotPlanner("h", transport, budget=0.3, clock=clock, sync_s=0.01)
+        p.apply(await transport(p.take_message()))  # the first sync, at start
+        clock.t = 60.0  # idle for a minute: far past the lease's 6 s
+        plan = p.plan_now(Request("a", 60.0, 100))
+        await p.close(flush=False)
+        return p, plan
+
+    p, plan = asyncio.run(main())
+    assert plan.server_start == 0.0 and p.guard.self_funded == 0 and p.guard.denied == 0
