@@ -95,3 +95,4 @@ def test_lease_config_is_checked():
         LeaseConfig(period_s=0)
     with pytest.raises(ValueError):
         LeaseConfig(headroom=-1)
+
