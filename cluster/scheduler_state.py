@@ -23,12 +23,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
+from disco.scheduler.outcome_batch import BatchTotals
 from disco.scheduler.policies.base import Policy
-from disco.scheduler.types import EndpointKind, Plan, Regime, Request, RequestOutcome
+from disco.scheduler.types import Plan, Regime, Request, RequestOutcome
 
 
 @dataclass(slots=True)
@@ -48,29 +49,14 @@ class BudgetLedger:
     refused: int = 0  # refused by a saturated device before any work: not in the token counts
 
     def add(self, o: RequestOutcome) -> None:
-        if o.refused:
-            self.refused += 1
-            return
-        self.requests += 1
-        self.errors += o.error is not None
-        self.prompt_tokens += o.prompt_tokens
-        self.server_prompt_tokens += o.server_prompt_tokens
-        self.device_prompt_tokens += o.device_prompt_tokens
-        self.server_output_tokens += o.server_output_tokens
-        self.device_output_tokens += o.device_output_tokens
-        self.server_cost += o.server_cost
-        self.device_energy_j += o.device_energy_j
-        self.first_from_server += o.first_token_from is EndpointKind.SERVER
-        self.first_from_device += o.first_token_from is EndpointKind.DEVICE
-        self.migrations += o.migrated_at is not None
+        one = BatchTotals()  # the one rule of what an outcome adds (scheduler/outcome_batch.py)
+        one.add(o)
+        self.add_totals(one)
 
-    def add_totals(self, t: Any) -> None:
+    def add_totals(self, t: BatchTotals) -> None:
         """Add a batch's exact totals (``OutcomeBatch.totals``: the same fields)."""
-        for k in ("requests", "errors", "prompt_tokens", "server_prompt_tokens",
-                  "device_prompt_tokens", "server_output_tokens", "device_output_tokens",
-                  "server_cost", "device_energy_j", "first_from_server", "first_from_device",
-                  "migrations", "refused"):  # fmt: skip
-            setattr(self, k, getattr(self, k) + getattr(t, k))
+        for f in fields(BatchTotals):
+            setattr(self, f.name, getattr(self, f.name) + getattr(t, f.name))
 
     def spent_ratio(self, regime: Regime) -> float:
         """Share of prompt tokens the constrained endpoint prefilled (the budget's b)."""
